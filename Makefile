@@ -1,0 +1,61 @@
+# Every target installs what it needs into .venv (once; a second call installs nothing).
+# On a GPU node whose system Python already has CUDA torch (an NGC container), the venv is
+# created with --system-site-packages and reuses that torch / Transformer Engine / Apex.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+RECIPE  ?= proxy
+NPROC   ?= 1
+ARGS    ?=
+# The CPU build of torch; pass e.g. PIP_EXTRA="--index-url https://download.pytorch.org/whl/cpu"
+# where pip would otherwise pick a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PIP_EXTRA  ?=
+
+BIN := $(VENV)/bin
+MP  := $(BIN)/megatron-power
+ifeq ($(NPROC),1)
+LAUNCH := $(MP)
+else
+LAUNCH := $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m megatron_power.cli
+endif
+
+.PHONY: setup setup-dev data train test bench clean-venv
+
+setup: $(VENV)/.installed-base
+setup-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed-torch:
+	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+		echo "Reusing the system's CUDA torch (and TE/Apex if present)"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q $(PIP_EXTRA) "$(TORCH_SPEC)"; \
+	fi
+	@touch $@
+
+$(VENV)/.installed-base: pyproject.toml $(VENV)/.installed-torch
+	$(BIN)/pip install -q $(PIP_EXTRA) -e .
+	@touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-base
+	$(BIN)/pip install -q $(PIP_EXTRA) -e ".[dev]"
+	@touch $@
+
+data: setup
+	$(MP) data
+
+train: setup
+	$(MP) data
+	$(LAUNCH) train $(RECIPE) $(ARGS)
+
+# pytest exits 5 when it collects nothing: that is a broken setup, not a pass.
+test: setup-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+bench: setup-dev
+	$(BIN)/python bench/train_throughput.py $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,90 @@
+"""Checkpoints with megatron.core.dist_checkpointing: atomic save, a "latest" marker, resume.
+
+Layout under the checkpoint directory:
+    iter_0000200/        a complete checkpoint (written as iter_0000200.tmp, renamed when done)
+    latest               text file naming the newest complete checkpoint, replaced atomically
+
+A crash while saving leaves at most a *.tmp directory, which is never read, and the previous
+checkpoint and marker untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+LATEST = "latest"
+# Optimizer state in the canonical per-parameter form, so a checkpoint can be loaded into a
+# different TP / PP / DP layout.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sharded_state_dict(model, optimizer, state: Optional[dict], is_loading: bool) -> dict:
+    model_sd = model.module.sharded_state_dict(prefix="")
+    sharded = {"model": model_sd}
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    sharded["state"] = state if state is not None else {}
+    return sharded
+
+
+def save(root: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
+    """Save a complete checkpoint of `step`, then point "latest" at it and prune old ones."""
+    final = root / f"iter_{step:07d}"
+    tmp = root / f"iter_{step:07d}.tmp"
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state_dict(model, optimizer, state, is_loading=False), str(tmp))
+    dist.barrier()
+    if rank0:
+        if final.exists():  # the same step saved before (a rerun of a finished run): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker = root / (LATEST + ".tmp")
+        marker.write_text(final.name + "\n")
+        os.replace(marker, root / LATEST)
+        _prune(root, keep)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint, or None when there is none."""
+    marker = root / LATEST
+    if not marker.is_file():
+        return None
+    path = root / marker.read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{marker} names {path}, which is not a complete checkpoint "
+                              f"(expected a dist_checkpointing directory with metadata.json)")
+    return path
+
+
+def load(path: Path, model, optimizer) -> dict:
+    """Load model and optimizer state in place; return the saved training state."""
+    sharded = _sharded_state_dict(model, optimizer, None, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, str(path))
+    model.module.load_state_dict(loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    return loaded["state"]

@@ -1,0 +1,317 @@
+"""Typed recipe schema: YAML recipe + dotted overrides -> validated `Config`.
+
+Everything that can be checked without starting a process group is checked here, so a bad
+recipe stops the program with one line per problem before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; each line of the message names one problem."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: as many as heads (no GQA)
+    ffn_hidden_size: int = 1024
+    seq_length: int = 256
+    rotary_base: int = 10000
+    tie_embeddings: bool = True
+    norm_epsilon: float = 1e-6
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    distributed_optimizer: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Blends: [weight, path prefix, weight, path prefix, ...] as Megatron-LM writes them,
+    # or just [path prefix].
+    train: List[str] = field(default_factory=lambda: ["data/stdlib/train"])
+    valid: List[str] = field(default_factory=lambda: ["data/stdlib/valid"])
+    tokenizer: str = "data/stdlib/tokenizer.model"
+    cache_dir: Optional[str] = None  # Megatron's index cache; default: <run dir>/data_cache
+
+
+@dataclass
+class TrainConfig:
+    tokens: int = 20_000_000  # token budget; steps = tokens / (global batch x seq length)
+    global_batch_size: int = 32  # sequences
+    micro_batch_size: int = 8
+    seed: int = 1234
+    clip_grad: float = 1.0
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 4
+    max_nonfinite_steps: int = 3  # consecutive NaN/Inf steps that stop the run
+
+
+@dataclass
+class OptimizerConfig:
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-10
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate as a function of tokens seen (see scheduler.py)."""
+
+    kind: str = "power"  # power | wsd | cosine | constant
+    a: float = 4.0
+    b: float = -0.51
+    lr_max: float = 0.02  # Power: the cap; wsd/cosine/constant: the peak
+    min_lr: float = 0.0
+    # Lengths in tokens ("200M", 2e8), or below 1 as fractions of the budget train.tokens.
+    warmup: float = 0.0
+    decay: float = 0.0
+    decay_shape: str = "exp_ibm"
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 200  # steps; the last step always saves
+    keep: int = 2  # complete checkpoints kept on disk (the newest ones)
+    dir: Optional[str] = None  # default: <run dir>/checkpoints
+
+
+@dataclass
+class Config:
+    name: str = "proxy"
+    out_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.model.seq_length
+
+    @property
+    def train_steps(self) -> int:
+        return self.train.tokens // self.tokens_per_step
+
+
+# Fields holding token counts accept "250B", "1.5T", "1e12" as well as plain integers.
+TOKEN_FIELDS = {"train.tokens", "schedule.warmup", "schedule.decay"}
+_SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_count(text):
+    """'250B' -> 250_000_000_000; '1e12' -> 10**12; 42 -> 42; fractions below 1 stay as they are."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and (text < 1 or text == int(text)):
+        return text if text < 1 else int(text)
+    s = str(text).strip().replace("_", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)([KMBGT]?)", s, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"'{text}' is not a count (expected e.g. 2000000, 2e6, 250B, 1.5T)")
+    value = float(m.group(1)) * _SUFFIX.get(m.group(2).upper(), 1)
+    if value < 1 and not m.group(2):
+        return value
+    if value != int(value):
+        raise ValueError(f"'{text}' is not a whole number")
+    return int(value)
+
+
+def recipe_path(recipe: str) -> Path:
+    """A recipe is a name in recipes/ or a path to a YAML file."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"recipe file {recipe} does not exist")
+        return path
+    path = RECIPES_DIR / f"{recipe}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        hint = difflib.get_close_matches(recipe, known, n=1)
+        hint = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(f"unknown recipe '{recipe}'{hint}; known recipes: {', '.join(known)}")
+    return path
+
+
+def _all_keys(node, prefix=""):
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        yield dotted
+        if OmegaConf.is_dict(value):
+            yield from _all_keys(value, dotted + ".")
+
+
+def _unknown_key_message(err: OmegaConfBaseException, schema, source: str) -> str:
+    key = getattr(err, "full_key", None) or str(err).split("'")[1]
+    known = list(_all_keys(schema))
+    hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f"; did you mean '{hint[0]}'?" if hint else ""
+    return f"{source}: unknown key '{key}'{hint}"
+
+
+def _normalize_counts(node, source: str) -> None:
+    for dotted in TOKEN_FIELDS:
+        value = OmegaConf.select(node, dotted, default=None)
+        if value is not None:
+            try:
+                OmegaConf.update(node, dotted, parse_count(value), merge=False)
+            except ValueError as e:
+                raise ConfigError(f"{source}: {dotted}: {e}") from None
+
+
+def _parse_overrides(overrides: List[str]):
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.tokens=2e6)")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def load_config(recipe: str, overrides: List[str] = (), world_size: Optional[int] = None) -> Config:
+    """Load a recipe, apply dotted overrides, validate; raise ConfigError naming every problem."""
+    schema = OmegaConf.structured(Config)
+    path = recipe_path(recipe)
+    layers = [(OmegaConf.load(path), f"recipe {path.name}"), (_parse_overrides(overrides), "override")]
+    merged = schema
+    for layer, source in layers:
+        _normalize_counts(layer, source)
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except (ConfigKeyError, ConfigAttributeError) as e:
+            raise ConfigError(_unknown_key_message(e, schema, source)) from None
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", "?")
+            raise ConfigError(f"{source}: {key}: {e.msg.splitlines()[0]}") from None
+    config: Config = OmegaConf.to_object(merged)
+    errors = validate(config, world_size)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return config
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate(c: Config, world_size: Optional[int] = None) -> List[str]:
+    """Every problem with a config, one line each; empty when the config is usable."""
+    from megatron_power import scheduler
+
+    errors = []
+    m, p, t = c.model, c.parallel, c.train
+    world_size = world_size or world_size_from_env()
+
+    def need(ok: bool, message: str):
+        if not ok:
+            errors.append(message)
+
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length"):
+        need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    for name in ("tp", "pp"):
+        need(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    for name in ("global_batch_size", "micro_batch_size", "log_interval", "eval_interval", "tokens"):
+        need(getattr(t, name) > 0, f"train.{name} must be positive, got {getattr(t, name)}")
+    if errors:
+        return errors
+
+    groups = m.num_query_groups or m.num_attention_heads
+    need(m.hidden_size % m.num_attention_heads == 0,
+         f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads ({m.num_attention_heads})")
+    need(m.num_attention_heads % groups == 0,
+         f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by model.num_query_groups ({groups})")
+    need(m.num_attention_heads % p.tp == 0,
+         f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by parallel.tp ({p.tp})")
+    need(groups % p.tp == 0, f"model.num_query_groups ({groups}) must be divisible by parallel.tp ({p.tp})")
+    need(m.ffn_hidden_size % p.tp == 0,
+         f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by parallel.tp ({p.tp})")
+    need(m.num_layers % p.pp == 0, f"model.num_layers ({m.num_layers}) must be divisible by parallel.pp ({p.pp})")
+
+    model_parallel = p.tp * p.pp
+    if world_size % model_parallel:
+        errors.append(f"world size {world_size} must be a multiple of parallel.tp x parallel.pp "
+                      f"({p.tp} x {p.pp} = {model_parallel})")
+    else:
+        dp = world_size // model_parallel
+        need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+             f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
+             f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp})")
+    need(c.train_steps >= 1, f"train.tokens ({t.tokens}) is less than one step "
+         f"(global_batch_size x seq_length = {c.tokens_per_step} tokens)")
+    need(c.checkpoint.interval > 0, f"checkpoint.interval must be positive, got {c.checkpoint.interval}")
+    need(c.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {c.checkpoint.keep}")
+    need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    need(bool(re.fullmatch(r"[A-Za-z0-9._-]+", c.name)),
+         f"name '{c.name}' must be letters, digits, '.', '_' or '-' (it names the run directory)")
+
+    errors += scheduler.validate(c.schedule, t.tokens)
+    errors += _validate_data(c.data)
+    return errors
+
+
+def parse_blend(entries: List[str], field_name: str):
+    """['0.7', 'a', '0.3', 'b'] -> (['a', 'b'], [0.7, 0.3]); ['a'] -> (['a'], None)."""
+    if len(entries) == 0:
+        raise ConfigError(f"{field_name} is empty; expected [prefix] or [weight, prefix, ...]")
+    if len(entries) == 1:
+        return [entries[0]], None
+    if len(entries) % 2:
+        raise ConfigError(f"{field_name} must alternate weight and path prefix, got {len(entries)} entries")
+    weights, prefixes = entries[0::2], entries[1::2]
+    try:
+        weights = [float(w) for w in weights]
+    except ValueError:
+        raise ConfigError(f"{field_name}: weights must be numbers, got {weights}") from None
+    if any(w <= 0 for w in weights):
+        raise ConfigError(f"{field_name}: weights must be positive, got {weights}")
+    return list(prefixes), weights
+
+
+def _validate_data(d: DataConfig) -> List[str]:
+    errors = []
+    for name in ("train", "valid"):
+        try:
+            prefixes, _ = parse_blend(getattr(d, name), f"data.{name}")
+        except ConfigError as e:
+            errors.append(str(e))
+            continue
+        for prefix in prefixes:
+            missing = [s for s in (".bin", ".idx") if not Path(prefix + s).is_file()]
+            if missing:
+                errors.append(f"data.{name}: {prefix}{'/'.join(missing)} not found (expected an indexed "
+                              f"dataset prefix with .bin and .idx; `make data` builds the default one)")
+    if not Path(d.tokenizer).is_file():
+        errors.append(f"data.tokenizer: {d.tokenizer} not found (expected a sentencepiece .model file)")
+    return errors
+
+
+def to_yaml(c: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(c))

@@ -1,0 +1,206 @@
+"""The one place that lets Megatron-Core's CUDA-only training path run on CPU over gloo.
+
+Megatron-Core places bookkeeping tensors on "cuda", synchronises streams and forks CUDA RNG
+states. None of that is model math. `install()` bridges each of those sites when CUDA is absent
+and does nothing on a machine with CUDA. Each bridge names the Megatron behaviour it addresses
+(file paths relative to megatron/core in megatron-core 0.16.1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+
+import torch
+
+_installed = False
+
+
+def install() -> None:
+    """Install every bridge (idempotent); a no-op when CUDA is available."""
+    global _installed
+    if _installed or torch.cuda.is_available():
+        return
+    _cuda_runtime_queries()
+    _cuda_literal_devices()
+    _rng_tracker()
+    _grad_clipping()
+    _distributed_optimizer_param_types()
+    _moe_split_sizes()
+    _installed = True
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream/Event: on CPU every operation is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: _NullStream()
+
+    def query(self):
+        return True
+
+
+def _cuda_runtime_queries() -> None:
+    # `device=torch.cuda.current_device()` appears at ~150 sites (layers, rotary embedding,
+    # attention buffers, p2p receive buffers); on CPU the current device is the CPU.
+    torch.cuda.current_device = lambda: "cpu"
+    # parallel_state.py, distributed_data_parallel.py, p2p_communication.py, dist_checkpointing:
+    # synchronisation and caches of a device that does not exist.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.empty_cache = lambda: None
+    # param_and_grad_buffer.py (grad-sync stream), token_dispatcher.py and moe_utils.py
+    # (record_stream / side streams), utils.py (timers use events).
+    torch.cuda.Stream = _NullStream
+    torch.cuda.Event = _NullStream
+    torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.default_stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    # distrib_optimizer.py:1089 and language_module.py:244 move helper tensors with `.cuda()`.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+def _on_cpu(kwargs: dict) -> dict:
+    device = kwargs.get("device")
+    if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
+        kwargs["device"] = "cpu"
+    return kwargs
+
+
+class _TorchOnCpu(types.ModuleType):
+    """`torch` as one Megatron module sees it: factory calls asking for device="cuda" get the CPU.
+
+    Only the modules listed below see it, so the rest of the program keeps the real `torch`.
+    """
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "empty_like", "full", "arange")
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in self._FACTORIES:
+            real = getattr(torch, name)
+            setattr(self, name, lambda *a, _real=real, **kw: _real(*a, **_on_cpu(kw)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+# Modules that create bookkeeping tensors with a literal device="cuda".
+_LITERAL_CUDA_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",  # total_num_tokens counters
+    "megatron.core.optimizer.optimizer",  # FP32Optimizer._scale, found_inf, overflow buffers
+    "megatron.core.optimizer.clip_grads",  # grad-norm accumulators
+    "megatron.core.optimizer.grad_scaler",  # loss-scale tensors
+    "megatron.core.distributed.param_and_grad_buffer",  # communication warm-up tensor
+    "megatron.core.transformer.moe.moe_utils",  # aux-loss tracker
+    "megatron.core.transformer.utils",  # default causal masks
+    "megatron.core.utils",  # grad-norm and misc reductions
+    "megatron.core.dist_checkpointing.exchange_utils",  # load-time shard exchange
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # save-plan reuse check
+)
+
+
+def _cuda_literal_devices() -> None:
+    on_cpu = _TorchOnCpu()
+    for name in _LITERAL_CUDA_MODULES:
+        importlib.import_module(name).torch = on_cpu
+
+
+def _rng_tracker() -> None:
+    """tensor_parallel/random.py keeps per-parallel-region RNG states as CUDA generator states and
+    forks them around dropout and weight init; keep them as CPU generator states instead."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"cuda rng state {name} already exists")
+            self.seeds_.add(seed)
+            generator = torch.Generator().manual_seed(seed)
+            self.states_[name] = generator.get_state()
+            self._is_initialized = True
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def _grad_clipping() -> None:
+    """clip_grads.clip_grad_by_total_norm_fp32 asserts `grad.type() == 'torch.cuda.FloatTensor'`.
+    The CPU version applies the same scaling (max_norm / (norm + 1e-6) when below 1)."""
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    moptimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """While active, `tensor.type()` names CPU tensors as their CUDA counterparts."""
+    original = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        if not args and not kwargs and name.startswith("torch.") and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch."):]
+        return name
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _distributed_optimizer_param_types() -> None:
+    """DistributedOptimizer sorts parameters into fp32 / fp16 / bf16 shards by `param.type()`
+    compared with 'torch.cuda.FloatTensor' etc. (distrib_optimizer.py:361, 420, 582) and rejects
+    anything else; it sees CUDA type names while it sets up."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    init = DistributedOptimizer.__init__
+    build = DistributedOptimizer._build_model_and_main_param_groups.__func__
+
+    def __init__(self, *args, **kwargs):
+        with _cuda_type_names():
+            init(self, *args, **kwargs)
+
+    def _build_model_and_main_param_groups(cls, *args, **kwargs):
+        with _cuda_type_names():
+            return build(cls, *args, **kwargs)
+
+    DistributedOptimizer.__init__ = __init__
+    DistributedOptimizer._build_model_and_main_param_groups = classmethod(_build_model_and_main_param_groups)
+
+
+def _moe_split_sizes() -> None:
+    """The all-to-all token dispatcher hands split sizes to all_to_all_single as numpy arrays only
+    for CUDA tensors (moe_utils.maybe_move_tensor_to_cpu); gloo needs them as lists too."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu

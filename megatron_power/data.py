@@ -1,0 +1,143 @@
+"""Data: the default corpus build, and Megatron GPTDatasets / blends read in a resumable order."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List
+
+import numpy as np
+import sentencepiece as spm
+import torch
+
+from tokenizer import corpus, preprocess, spm as spm_train
+
+DEFAULT_DATA_DIR = Path("data/stdlib")
+MANIFEST = "manifest.json"
+
+
+def build_default_data(out_dir: Path = DEFAULT_DATA_DIR, vocab_size: int = 8192,
+                       workers: int = max(1, min(4, os.cpu_count() or 1))) -> dict:
+    """Standard-library sources -> tokenizer.model, train.bin/.idx, valid.bin/.idx, manifest.json.
+
+    The manifest is written last: its presence means the directory is complete, and a rerun
+    returns at once.
+    """
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.is_file():
+        return json.loads(manifest_path.read_text())
+    documents = list(corpus.read_documents(corpus.stdlib_files()))
+    train = [text for name, text in documents if not corpus.is_validation(name)]
+    valid = [text for name, text in documents if corpus.is_validation(name)]
+    print(f"corpus: {len(documents)} standard-library files, {len(train)} train / {len(valid)} validation")
+
+    model_file = spm_train.train(_paragraphs(train), out_dir / "tokenizer", vocab_size)
+    stats = {
+        split: preprocess.write_indexed_dataset(texts, model_file, out_dir / split, workers=workers,
+                                                total=len(texts), desc=f"encode {split}")
+        for split, texts in (("train", train), ("valid", valid))
+    }
+    manifest = {
+        "source": "python standard library",
+        "vocab_size": vocab_size,
+        "train": stats["train"],
+        "valid": stats["valid"],
+        "unigram_entropy_nats": unigram_entropy(out_dir / "train", vocab_size),
+    }
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, manifest_path)
+    return manifest
+
+
+def _paragraphs(texts: List[str], max_chars: int = 4000) -> Iterator[str]:
+    """Sentencepiece trains on 'sentences'; blocks of source separated by blank lines serve."""
+    for text in texts:
+        for block in text.split("\n\n"):
+            if block.strip():
+                yield block[:max_chars]
+
+
+def unigram_entropy(prefix: Path, vocab_size: int) -> float:
+    """Entropy (nats) of the token unigram distribution: the loss of a model that ignores context."""
+    tokens = np.fromfile(prefix.with_suffix(".bin"), dtype=preprocess.token_dtype(vocab_size))
+    p = np.bincount(tokens, minlength=vocab_size).astype(np.float64) / tokens.size
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+@dataclass
+class TokenizerInfo:
+    """What GPTDataset reads from a tokenizer: vocabulary size and the eod / pad ids."""
+
+    vocab_size: int
+    eod: int
+    pad: int
+    sha256: str
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """Part of the key of Megatron's dataset index cache."""
+        return {"class": "sentencepiece", "sha256": self.sha256}
+
+    @classmethod
+    def from_sentencepiece(cls, model_file: str) -> "TokenizerInfo":
+        sp = spm.SentencePieceProcessor(model_file=model_file)
+        digest = hashlib.sha256(Path(model_file).read_bytes()).hexdigest()
+        return cls(vocab_size=sp.vocab_size(), eod=sp.eos_id(), pad=sp.pad_id(), sha256=digest)
+
+
+def build_datasets(config, tokenizer: TokenizerInfo):
+    """(train, valid) GPTDatasets over the recipe's blends, built by Megatron's builder."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from megatron_power.config import parse_blend
+
+    seq = config.model.seq_length
+    # Samples are counted generously so that a run whose batch size changes at a resume still
+    # finds enough of them.
+    n_train = math.ceil(config.train.tokens / seq) + 2 * config.train.global_batch_size
+    n_valid = config.train.eval_batches * config.train.global_batch_size
+    dataset_config = GPTDatasetConfig(
+        random_seed=config.train.seed,
+        sequence_length=seq,
+        blend_per_split=[
+            parse_blend(config.data.train, "data.train"),
+            parse_blend(config.data.valid, "data.valid"),
+            None,
+        ],
+        path_to_cache=str(config.data.cache_dir or config.run_dir / "data_cache"),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        # Attention is causal without an explicit mask (the fused kernels' fast path).
+        create_attention_mask=False,
+    )
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [n_train, n_valid, None], lambda: True, dataset_config
+    ).build()
+    return train, valid
+
+
+def micro_batches(dataset, first_sample: int, global_batch_size: int, micro_batch_size: int,
+                  dp_size: int, dp_rank: int) -> List[dict]:
+    """This data-parallel rank's micro-batches of the global batch starting at `first_sample`.
+
+    Global batch k is samples [k*B, (k+1)*B) of the dataset's (shuffled) order, whatever the
+    layout, so every layout and a resumed run see the same data.
+    """
+    batches = []
+    for i in range(global_batch_size // (micro_batch_size * dp_size)):
+        start = first_sample + (i * dp_size + dp_rank) * micro_batch_size
+        samples = [dataset[j] for j in range(start, start + micro_batch_size)]
+        batches.append({
+            key: torch.stack([s[key] for s in samples])
+            for key in ("tokens", "labels", "loss_mask", "position_ids")
+        })
+    return batches

@@ -1,0 +1,99 @@
+"""What a run reports: console lines, TensorBoard events and metrics.jsonl under runs/<name>/."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+
+
+def _human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def group_names(optimizer) -> list:
+    """Readable names for Megatron's parameter groups (for the lr of each in TensorBoard)."""
+    names = []
+    for i, group in enumerate(optimizer.param_groups):
+        parts = ["expert" if group.get("is_expert_parallel") else "dense"]
+        parts.append("no_wd" if group.get("wd_mult", 1.0) == 0 else "wd")
+        if group.get("max_lr") != optimizer.param_groups[0].get("max_lr") or not group.get("default_config", True):
+            parts.append(f"lr{group['max_lr']:.3g}")
+        names.append(f"{i}_" + "_".join(parts))
+    return names
+
+
+class MetricsLogger:
+    """Only the logging rank (last pipeline stage) writes; other ranks keep quiet."""
+
+    def __init__(self, config, rt, optimizer, start_step: int):
+        self.config, self.rt, self.optimizer = config, rt, optimizer
+        self.active = rt.is_logger
+        self.start_time = self.window_time = time.time()
+        self.start_step = self.window_step = start_step
+        self.names = group_names(optimizer)
+        self.writer = None
+        self.jsonl = None
+        if self.active:
+            from torch.utils.tensorboard import SummaryWriter
+
+            run_dir = config.run_dir
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+
+    def info(self, message: str) -> None:
+        if self.active:
+            print(message, flush=True)
+
+    def _record(self, **row) -> None:
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+
+    def step(self, step, tokens, loss, lr, grad_norm, skipped) -> None:
+        if not self.active:
+            return
+        w = self.writer
+        w.add_scalar("train/loss", loss, step)
+        w.add_scalar("train/grad_norm", grad_norm, step)
+        w.add_scalar("train/skipped_steps", skipped, step)
+        w.add_scalar("train/tokens", tokens, step)
+        for name, group in zip(self.names, self.optimizer.param_groups):
+            w.add_scalar(f"lr/{name}", group["lr"], step)
+            w.add_scalar(f"lr-vs-tokens/{name}", group["lr"], tokens)
+        self._record(step=step, tokens=tokens, loss=loss, lr=lr, grad_norm=grad_norm,
+                     time=round(time.time() - self.start_time, 4))
+
+        interval = self.config.train.log_interval
+        total = self.config.train_steps
+        if step % interval and step != total:
+            return
+        now = time.time()
+        steps = step - self.window_step
+        tokens_per_s = steps * self.config.tokens_per_step / max(now - self.window_time, 1e-9)
+        w.add_scalar("throughput/tokens_per_s", tokens_per_s, step)
+        per_step = (now - self.start_time) / max(step - self.start_step, 1)
+        print(f"step {step}/{total} | tokens {_human(tokens)} | loss {loss:.4f} | lr {lr:.3e} | "
+              f"grad {grad_norm:.3f} | {_human(tokens_per_s)} tok/s | "
+              f"elapsed {_duration(now - self.start_time)} | eta {_duration(per_step * (total - step))}",
+              flush=True)
+        self.window_time, self.window_step = now, step
+
+    def validation(self, step, tokens, loss) -> None:
+        if not self.active:
+            return
+        self.writer.add_scalar("valid/loss", loss, step)
+        self._record(step=step, tokens=tokens, valid_loss=loss)
+        print(f"step {step} | validation loss {loss:.4f}", flush=True)
+
+    def close(self) -> None:
+        if self.active:
+            self.writer.close()
+            self.jsonl.close()

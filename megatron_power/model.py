@@ -1,0 +1,136 @@
+"""GPTModel from a recipe: TransformerConfig, layer spec (TE or local), layout-independent init."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+VOCAB_PAD_MULTIPLE = 128  # as Megatron-LM's --make-vocab-size-divisible-by
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    multiple = math.lcm(VOCAB_PAD_MULTIPLE, tp)
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_engine_available() -> bool:
+    """TE only on machines with CUDA: importing it without a driver fails (see DESIGN.md)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(config) -> TransformerConfig:
+    m, p = config.model, config.parallel
+    cuda = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        sequence_parallel=False,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        bf16=cuda,
+        params_dtype=torch.bfloat16 if cuda else torch.float32,
+        pipeline_dtype=torch.bfloat16 if cuda else torch.float32,
+        # Megatron's own init also marks tensor-parallel weights (grad-norm and checkpoint logic
+        # rely on that); `initialize_weights` then redraws them identically for every layout.
+        perform_initialization=True,
+        use_cpu_initialization=not cuda,
+        bias_activation_fusion=cuda,
+        masked_softmax_fusion=cuda,
+        apply_rope_fusion=False,
+        persist_layer_norm=cuda,
+        gradient_accumulation_fusion=False,
+        transformer_impl="transformer_engine" if transformer_engine_available() else "local",
+    )
+
+
+def layer_spec(tconfig: TransformerConfig):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if tconfig.transformer_impl == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(config, vocab_size: int) -> GPTModel:
+    tconfig = transformer_config(config)
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=layer_spec(tconfig),
+        vocab_size=padded_vocab_size(vocab_size, config.parallel.tp),
+        max_sequence_length=config.model.seq_length,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=config.model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=config.model.rotary_base,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    initialize_weights(model, config)
+    return model
+
+
+def init_std(key: str, config) -> float:
+    """Standard deviation of the normal init of the (global) parameter `key`; 0 means ones."""
+    m = config.model
+    if "norm" in ".".join(key.split(".")[-2:]):  # input_layernorm, linear_qkv.layer_norm_weight, ...
+        return 0.0
+    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return m.init_std / math.sqrt(2.0 * m.num_layers)
+    return m.init_std
+
+
+def _sharded_tensors(sharded_state_dict):
+    for value in sharded_state_dict.values():
+        if isinstance(value, ShardedTensorFactory):
+            built = value.build()
+            yield from built if isinstance(built, list) else built.values()
+        elif isinstance(value, ShardedTensor):
+            yield value
+
+
+@torch.no_grad()
+def initialize_weights(model: GPTModel, config) -> None:
+    """Fill every parameter from a generator seeded by its global checkpoint key.
+
+    Each rank draws the whole global tensor and keeps its own shard, so TP, PP and DP layouts
+    start from the same model and their losses can be compared step by step.
+    """
+    seed = config.train.seed
+    for sh in _sharded_tensors(model.sharded_state_dict(prefix="")):
+        std = init_std(sh.key, config)
+        if std == 0.0:
+            sh.data.fill_(1.0)
+            continue
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(sh.key.encode()))
+        full = torch.randn(sh.global_shape, generator=generator, dtype=torch.float32) * std
+        local = full[tuple(slice(o, o + n) for o, n in zip(sh.global_offset, _global_local_shape(sh)))]
+        sh.data.copy_(local.reshape(sh.data.shape))
+
+
+def _global_local_shape(sh: ShardedTensor):
+    """The local shard's extent along every global axis (prepended axes have extent 1)."""
+    return (1,) * sh.prepend_axis_num + tuple(sh.local_shape)

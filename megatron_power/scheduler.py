@@ -1,0 +1,114 @@
+"""Learning rate as a pure function of tokens seen, and its adapter to Megatron's optimizer.
+
+Power scheduler (Shen et al. 2024, arXiv 2408.13359, eq. 7-8):
+    lr(n) = min(lr_max, beta * a * n**b)      n: tokens seen, beta: global batch in sequences
+with a linear warmup to lr(N_warmup) and, in the last N_decay tokens of the budget N, a decay
+f(r) * lr(N - N_decay) towards min_lr, r the fraction of the decay done.
+
+Because the schedule reads tokens, not steps, a change of batch size (after a resume, or under a
+ramp) keeps the run on the same lr-versus-tokens curve.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List
+
+# f(r): 1 at the start of the decay (r = 0), 0 at its end (r = 1).
+DECAY_SHAPES: Dict[str, Callable[[float], float]] = {
+    # IBM's implementation of the paper's exponential decay.
+    "exp_ibm": lambda r: (math.exp(1.0 - r) - 1.0) / (math.e - 1.0),
+    # Megatron-Core's WSD "exponential" decay.
+    "exp_megatron": lambda r: 2.0 * 0.5**r - 1.0,
+    "linear": lambda r: 1.0 - r,
+    "1-sqrt": lambda r: 1.0 - math.sqrt(r),
+    "cosine": lambda r: 0.5 * (1.0 + math.cos(math.pi * r)),
+}
+KINDS = ("power", "wsd", "cosine", "constant")
+
+
+def power_lr(tokens: float, batch_size: int, a: float, b: float, lr_max: float) -> float:
+    """The Power scheduler's lr at `tokens` for a global batch of `batch_size` sequences."""
+    if tokens <= 0:
+        return lr_max
+    return min(lr_max, batch_size * a * tokens**b)
+
+
+def learning_rate(tokens: float, schedule, budget: int, batch_size: int) -> float:
+    """The base learning rate after `tokens` of a `budget`-token run (schedule: ScheduleConfig)."""
+    s = schedule
+    warmup, decay = phase_tokens(s.warmup, budget), phase_tokens(s.decay, budget)
+
+    if s.kind == "cosine":
+        # Megatron's cosine: warmup to lr_max, then a half cosine to min_lr over the rest.
+        if warmup > 0 and tokens < warmup:
+            return s.lr_max * tokens / warmup
+        r = min(1.0, (tokens - warmup) / max(1, budget - warmup))
+        return s.min_lr + DECAY_SHAPES["cosine"](r) * (s.lr_max - s.min_lr)
+
+    def plateau(n: float) -> float:
+        return power_lr(n, batch_size, s.a, s.b, s.lr_max) if s.kind == "power" else s.lr_max
+
+    if warmup > 0 and tokens < warmup:
+        return plateau(warmup) * tokens / warmup
+    decay_start = budget - decay
+    if decay > 0 and tokens >= decay_start:
+        r = min(1.0, (tokens - decay_start) / decay)
+        start = plateau(decay_start)
+        return s.min_lr + DECAY_SHAPES[s.decay_shape](r) * (start - s.min_lr)
+    return plateau(tokens)
+
+
+def phase_tokens(length: float, budget: int) -> int:
+    """A warmup or decay length: tokens, or a fraction of the budget when below 1."""
+    return int(round(length * budget)) if length < 1 else int(length)
+
+
+def validate(s, budget: int) -> List[str]:
+    """Problems with a ScheduleConfig for a run of `budget` tokens, one line each."""
+    errors = []
+    if s.kind not in KINDS:
+        errors.append(f"schedule.kind '{s.kind}' is unknown; expected one of {', '.join(KINDS)}")
+    if s.decay_shape not in DECAY_SHAPES:
+        errors.append(f"schedule.decay_shape '{s.decay_shape}' is unknown; expected one of "
+                      f"{', '.join(DECAY_SHAPES)}")
+    if s.kind == "power":
+        if s.a <= 0:
+            errors.append(f"schedule.a must be positive, got {s.a}")
+        if s.b >= 0:
+            errors.append(f"schedule.b must be negative (lr falls with tokens), got {s.b}")
+    if s.lr_max <= 0:
+        errors.append(f"schedule.lr_max must be positive, got {s.lr_max}")
+    if not 0 <= s.min_lr < s.lr_max:
+        errors.append(f"schedule.min_lr must be in [0, lr_max), got {s.min_lr}")
+    if s.warmup < 0 or s.decay < 0:
+        errors.append(f"schedule.warmup and schedule.decay must not be negative, got {s.warmup}, {s.decay}")
+    else:
+        warmup, decay = phase_tokens(s.warmup, budget), phase_tokens(s.decay, budget)
+        if warmup + decay > budget:
+            errors.append(f"schedule.warmup + schedule.decay ({warmup:,} + {decay:,} tokens) exceed "
+                          f"the token budget train.tokens ({budget:,})")
+    return errors
+
+
+class TokenScheduler:
+    """Sets every parameter group of a Megatron optimizer from the schedule at a token count.
+
+    Each group keeps its own base (`max_lr`, which muP lowers for hidden matrices); the schedule's
+    shape multiplies it. Weight decay is applied as `weight_decay * wd_mult`, which is how Megatron's
+    groups switch it off for norms and biases.
+    """
+
+    def __init__(self, optimizer, schedule, budget: int, weight_decay: float):
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.budget = budget
+        self.weight_decay = weight_decay
+
+    def step(self, tokens: int, batch_size: int) -> float:
+        lr = learning_rate(tokens, self.schedule, self.budget, batch_size)
+        factor = lr / self.schedule.lr_max
+        for group in self.optimizer.param_groups:
+            group["lr"] = factor * group["max_lr"]
+            group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
+        return lr

@@ -1,0 +1,225 @@
+"""The training loop: build, resume, then step / log / evaluate / checkpoint until the budget."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import optimizer as megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_power import checkpoint, runtime
+from megatron_power.config import Config, to_yaml
+from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
+from megatron_power.metrics import MetricsLogger
+from megatron_power.model import build_model
+from megatron_power.scheduler import TokenScheduler
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    """Everything besides model and optimizer that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM's warning before a time limit) ask for a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def build_optimizer(config: Config, model):
+    cuda = torch.cuda.is_available()
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=config.schedule.lr_max,
+        min_lr=config.schedule.min_lr,
+        weight_decay=config.optim.weight_decay,
+        adam_beta1=config.optim.beta1,
+        adam_beta2=config.optim.beta2,
+        adam_eps=config.optim.eps,
+        clip_grad=config.train.clip_grad,
+        bf16=cuda,
+        params_dtype=torch.bfloat16 if cuda else torch.float32,
+        use_distributed_optimizer=config.parallel.distributed_optimizer,
+    )
+    return get_megatron_optimizer(optimizer_config, [model])
+
+
+def wrap_model(config: Config, model):
+    """Megatron's DDP (and, for bf16, its Float16Module) around the GPTModel."""
+    tconfig = model.config
+    if tconfig.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(tconfig, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=config.parallel.distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(tconfig, ddp_config, model)
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    per_token_loss = model(
+        batch["tokens"].to(device), batch["position_ids"].to(device), None,
+        labels=batch["labels"].to(device),
+    )
+    return per_token_loss, partial(_masked_mean, batch["loss_mask"].to(device))
+
+
+def _masked_mean(loss_mask, per_token_loss):
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(per_token_loss.float().view(-1) * mask) / mask.sum()
+    # A copy: the schedule divides the returned loss by the number of micro-batches in place.
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _global_mean_loss(losses, rt: runtime.Runtime, stop: bool = False):
+    """The loss averaged over micro-batches and data-parallel ranks, known to every rank.
+
+    One all-reduce also carries the stop request, so that every rank stops at the same step.
+    """
+    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    if rt.is_last_stage and ps.get_tensor_model_parallel_rank() == 0 and losses:
+        totals[0] = sum(float(x["lm loss"]) for x in losses) / len(losses)
+        totals[1] = 1.0
+    totals[2] = float(stop)
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1]), bool(totals[2] > 0)
+
+
+def _update(optimizer, clip_grad: float) -> float:
+    """Megatron's ChainedOptimizer.step(), with one addition: a non-finite grad norm (or a
+    mixed-precision overflow) skips the update. Returns the grad norm."""
+    if optimizer.prepare_grads():
+        return math.inf
+    grad_norm = optimizer.get_grad_norm()
+    if not math.isfinite(grad_norm):
+        return grad_norm
+    if clip_grad > 0:
+        for chained in optimizer.chained_optimizers:
+            params = chained.get_parameters()
+            if params and not getattr(chained, "is_stub_optimizer", False):
+                megatron_optimizer.clip_grad_by_total_norm_fp32(params, clip_grad, grad_norm)
+    optimizer.step_with_ready_grads()
+    return grad_norm
+
+
+def evaluate(config: Config, model, dataset, rt: runtime.Runtime) -> float:
+    model.eval()
+    t = config.train
+    losses = []
+    with torch.no_grad():
+        for k in range(t.eval_batches):
+            batches = micro_batches(dataset, k * t.global_batch_size, t.global_batch_size,
+                                    t.micro_batch_size, rt.dp, rt.dp_rank)
+            out = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+                num_microbatches=len(batches), seq_length=config.model.seq_length,
+                micro_batch_size=t.micro_batch_size, forward_only=True)
+            losses.append(_global_mean_loss(out, rt)[0])
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(config: Config) -> TrainState:
+    rt = runtime.initialize(config)
+    stop = StopRequest()
+    tokenizer = TokenizerInfo.from_sentencepiece(config.data.tokenizer)
+    model = wrap_model(config, build_model(config, tokenizer.vocab_size))
+    optimizer = build_optimizer(config, model)
+    t = config.train
+    scheduler = TokenScheduler(optimizer, config.schedule, t.tokens, config.optim.weight_decay)
+    train_data, valid_data = build_datasets(config, tokenizer)
+
+    state = TrainState()
+    ckpt_dir = config.checkpoint_dir
+    resume_from = checkpoint.latest(ckpt_dir)
+    if resume_from is not None:
+        state = TrainState(**checkpoint.load(resume_from, model, optimizer)["train_state"])
+    log = MetricsLogger(config, rt, optimizer, start_step=state.step)
+    if resume_from is not None:
+        log.info(f"resumed from {resume_from} at step {state.step} ({state.consumed_tokens:,} tokens)")
+    else:
+        log.info(f"starting {config.name}: {config.train_steps} steps of {config.tokens_per_step:,} tokens")
+    if rt.rank == 0:
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        (config.run_dir / "config.yaml").write_text(to_yaml(config))
+
+    def save():
+        checkpoint.save(ckpt_dir, state.step, model, optimizer,
+                        {"train_state": asdict(state), "config": to_yaml(config)}, config.checkpoint.keep)
+
+    forward_backward = get_forward_backward_func()
+    while state.step < config.train_steps:
+        lr = scheduler.step(state.consumed_tokens, t.global_batch_size)
+        batches = micro_batches(train_data, state.consumed_samples, t.global_batch_size,
+                                t.micro_batch_size, rt.dp, rt.dp_rank)
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = forward_backward(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+            num_microbatches=len(batches), seq_length=config.model.seq_length,
+            micro_batch_size=t.micro_batch_size, forward_only=False)
+        loss, stop_now = _global_mean_loss(losses, rt, stop.requested)
+        grad_norm = _update(optimizer, t.clip_grad) if math.isfinite(loss) else math.nan
+
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        state.consumed_tokens += config.tokens_per_step
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            state.consecutive_nonfinite = 0
+        else:
+            state.skipped_steps += 1
+            state.consecutive_nonfinite += 1
+            log.info(f"step {state.step}: non-finite loss {loss} / grad norm {grad_norm}; update skipped "
+                     f"({state.consecutive_nonfinite} in a row, {state.skipped_steps} in all)")
+            if state.consecutive_nonfinite >= t.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or grad norm "
+                    f"(last at step {state.step}); stopping. The last good checkpoint is "
+                    f"{checkpoint.latest(ckpt_dir) or 'none (no checkpoint was saved yet)'}")
+        log.step(state.step, state.consumed_tokens, loss, lr, grad_norm, state.skipped_steps)
+
+        last = state.step == config.train_steps
+        if state.step % t.eval_interval == 0 or last:
+            log.validation(state.step, state.consumed_tokens, evaluate(config, model, valid_data, rt))
+        # A skipped step changed nothing worth saving; the last good checkpoint stays the latest.
+        if (finite and (state.step % config.checkpoint.interval == 0 or last)) or stop_now:
+            save()
+        if stop_now and not last:
+            log.info(f"stop requested: checkpoint saved at step {state.step}; exiting")
+            break
+    log.close()
+    runtime.shutdown()
+    return state

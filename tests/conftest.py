@@ -1,0 +1,51 @@
+"""Shared helpers: the default data (built once per machine), and runs of the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# A proxy small enough for 2 CPU cores; the same architecture as recipes/proxy.yaml.
+SMALL = [
+    "model.hidden_size=128", "model.ffn_hidden_size=384", "model.num_layers=4",
+    "train.log_interval=5", "train.eval_interval=1000", "checkpoint.interval=1000",
+]
+
+
+@pytest.fixture(scope="session")
+def default_data():
+    """The default corpus, built by the project's own `data` verb (reused when complete)."""
+    subprocess.run([str(BIN / "megatron-power"), "data"], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    return ROOT / "data" / "stdlib"
+
+
+def run_train(out_dir: Path, name: str, overrides, nproc: int = 1, check: bool = True,
+              **popen) -> subprocess.CompletedProcess:
+    """`megatron-power train proxy ...` (under torchrun when nproc > 1), run from the repo root."""
+    if nproc == 1:
+        cmd = [str(BIN / "megatron-power")]
+    else:
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "megatron_power.cli"]
+    cmd += ["train", "proxy", f"out_dir={out_dir}", f"name={name}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, **popen)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def metrics(run_dir: Path):
+    """(train losses by step, validation losses by step) from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    valid = {r["step"]: r["valid_loss"] for r in rows if "valid_loss" in r}
+    return train, valid

@@ -1,0 +1,1 @@
+"""Corpus -> sentencepiece tokenizer -> Megatron indexed datasets (.bin/.idx)."""
