@@ -80,6 +80,20 @@ def latest(root: Path) -> Optional[Path]:
     return path
 
 
+def resolve(path: Path) -> Path:
+    """A checkpoint named by its run's checkpoints directory (its latest) or by itself."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory (expected a run's checkpoints directory "
+                              f"or one of its iter_* checkpoints)")
+    if (path / "metadata.json").is_file():
+        return path
+    found = latest(path)
+    if found is None:
+        raise CheckpointError(f"{path} holds no checkpoint (expected a dist_checkpointing directory "
+                              f"with metadata.json, or a checkpoints directory with a '{LATEST}' marker)")
+    return found
+
+
 def load(path: Path, model, optimizer) -> dict:
     """Load model and optimizer state in place; return the saved training state."""
     sharded = _sharded_state_dict(model, optimizer, None, is_loading=True)

@@ -11,6 +11,7 @@ def _train(args) -> int:
     from megatron_power.config import load_config, world_size_from_env
 
     config = load_config(args.recipe, args.overrides, world_size_from_env())
+    from megatron_power.checkpoint import CheckpointError
     from megatron_power.train import NonFiniteError, train
 
     try:
@@ -18,6 +19,29 @@ def _train(args) -> int:
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _schedule(args) -> int:
+    from megatron_power.config import load_config, parse_count
+    from megatron_power.scheduler import schedule_table
+
+    config = load_config(args.recipe, args.overrides, args.world_size, check_paths=False)
+    try:
+        points = [parse_count(a) for a in args.at]
+    except ValueError as e:
+        print(f"error: --at: {e}", file=sys.stderr)
+        return 2
+    for line in schedule_table(config, points):
+        print(line)
+    if args.plot:
+        from megatron_power.plots import plot_schedule
+
+        plot_schedule(config, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -38,7 +62,7 @@ def _data(args) -> int:
 def _config(args) -> int:
     from megatron_power.config import load_config, to_yaml
 
-    print(to_yaml(load_config(args.recipe, args.overrides, args.world_size)), end="")
+    print(to_yaml(load_config(args.recipe, args.overrides, args.world_size, check_paths=False)), end="")
     return 0
 
 
@@ -55,6 +79,15 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--out", default="data/stdlib")
     data.add_argument("--vocab-size", type=int, default=8192)
     data.set_defaults(run=_data)
+
+    schedule = verbs.add_parser("schedule", help="print and plot a recipe's learning rate against tokens")
+    schedule.add_argument("recipe")
+    schedule.add_argument("overrides", nargs="*")
+    schedule.add_argument("--at", nargs="+", default=[], metavar="TOKENS",
+                          help="token counts to print, e.g. 1e9 26B 1T")
+    schedule.add_argument("--plot", metavar="FILE.png")
+    schedule.add_argument("--world-size", type=int, default=1)
+    schedule.set_defaults(run=_schedule)
 
     config = verbs.add_parser("config", help="print a recipe with overrides applied, after validation")
     config.add_argument("recipe")

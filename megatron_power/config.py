@@ -56,7 +56,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    tokens: int = 20_000_000  # token budget; steps = tokens / (global batch x seq length)
+    # Token budget, counted from the start of stage 1: a stage-2 run's budget includes stage 1's.
+    tokens: int = 20_000_000
+    stage: int = 1  # 2: continue from checkpoint.init_from (a stage-1 run) on its own data blend
     global_batch_size: int = 32  # sequences
     micro_batch_size: int = 8
     seed: int = 1234
@@ -95,6 +97,9 @@ class CheckpointConfig:
     interval: int = 200  # steps; the last step always saves
     keep: int = 2  # complete checkpoints kept on disk (the newest ones)
     dir: Optional[str] = None  # default: <run dir>/checkpoints
+    # Stage 2 starts from this earlier run's checkpoint (its checkpoints directory, whose "latest"
+    # is used, or one iter_* directory); model, optimizer and tokens seen carry over.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -196,8 +201,12 @@ def _parse_overrides(overrides: List[str]):
     return OmegaConf.from_dotlist(list(overrides))
 
 
-def load_config(recipe: str, overrides: List[str] = (), world_size: Optional[int] = None) -> Config:
-    """Load a recipe, apply dotted overrides, validate; raise ConfigError naming every problem."""
+def load_config(recipe: str, overrides: List[str] = (), world_size: Optional[int] = None,
+                check_paths: bool = True) -> Config:
+    """Load a recipe, apply dotted overrides, validate; raise ConfigError naming every problem.
+
+    `check_paths=False` skips the data and checkpoint paths, for commands that only read the
+    recipe (printing it, its schedule) on a machine without the data."""
     schema = OmegaConf.structured(Config)
     path = recipe_path(recipe)
     layers = [(OmegaConf.load(path), f"recipe {path.name}"), (_parse_overrides(overrides), "override")]
@@ -212,7 +221,7 @@ def load_config(recipe: str, overrides: List[str] = (), world_size: Optional[int
             key = getattr(e, "full_key", "?")
             raise ConfigError(f"{source}: {key}: {e.msg.splitlines()[0]}") from None
     config: Config = OmegaConf.to_object(merged)
-    errors = validate(config, world_size)
+    errors = validate(config, world_size, check_paths)
     if errors:
         raise ConfigError("\n".join(errors))
     return config
@@ -222,7 +231,7 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def validate(c: Config, world_size: Optional[int] = None) -> List[str]:
+def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = True) -> List[str]:
     """Every problem with a config, one line each; empty when the config is usable."""
     from megatron_power import scheduler
 
@@ -268,12 +277,25 @@ def validate(c: Config, world_size: Optional[int] = None) -> List[str]:
          f"(global_batch_size x seq_length = {c.tokens_per_step} tokens)")
     need(c.checkpoint.interval > 0, f"checkpoint.interval must be positive, got {c.checkpoint.interval}")
     need(c.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {c.checkpoint.keep}")
+    need(t.stage in (1, 2), f"train.stage must be 1 or 2, got {t.stage}")
+    if t.stage == 2:
+        need(c.checkpoint.init_from is not None,
+             "train.stage 2 needs checkpoint.init_from (the stage-1 checkpoint to continue from)")
+        need(c.schedule.decay > 0, "train.stage 2 needs schedule.decay (the tokens over which it decays)")
+    if c.checkpoint.init_from is not None and check_paths:
+        from megatron_power.checkpoint import CheckpointError, resolve
+
+        try:
+            resolve(Path(c.checkpoint.init_from))
+        except CheckpointError as e:
+            errors.append(f"checkpoint.init_from: {e}")
     need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     need(bool(re.fullmatch(r"[A-Za-z0-9._-]+", c.name)),
          f"name '{c.name}' must be letters, digits, '.', '_' or '-' (it names the run directory)")
 
     errors += scheduler.validate(c.schedule, t.tokens)
-    errors += _validate_data(c.data)
+    if check_paths:
+        errors += _validate_data(c.data)
     return errors
 
 

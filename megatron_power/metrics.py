@@ -33,11 +33,12 @@ def group_names(optimizer) -> list:
 class MetricsLogger:
     """Only the logging rank (last pipeline stage) writes; other ranks keep quiet."""
 
-    def __init__(self, config, rt, optimizer, start_step: int):
+    def __init__(self, config, rt, optimizer, start_step: int, final_step: int):
         self.config, self.rt, self.optimizer = config, rt, optimizer
         self.active = rt.is_logger
         self.start_time = self.window_time = time.time()
         self.start_step = self.window_step = start_step
+        self.final_step = final_step
         self.names = group_names(optimizer)
         self.writer = None
         self.jsonl = None
@@ -72,7 +73,7 @@ class MetricsLogger:
                      time=round(time.time() - self.start_time, 4))
 
         interval = self.config.train.log_interval
-        total = self.config.train_steps
+        total = self.final_step
         if step % interval and step != total:
             return
         now = time.time()

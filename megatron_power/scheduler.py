@@ -112,3 +112,21 @@ class TokenScheduler:
             group["lr"] = factor * group["max_lr"]
             group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
         return lr
+
+
+def group_base_lrs(config) -> Dict[str, float]:
+    """Each parameter group's own base (peak) learning rate; the schedule's shape multiplies it.
+    Without muP every group shares schedule.lr_max."""
+    return {"all parameters": config.schedule.lr_max}
+
+
+def schedule_table(config, token_counts: List[int]) -> List[str]:
+    """One line per token count: the base lr and the lr of each parameter group."""
+    batch, budget = config.train.global_batch_size, config.train.tokens
+    bases = group_base_lrs(config)
+    lines = [f"{'tokens':>18}  {'lr':>10}  " + "  ".join(f"{name:>16}" for name in bases)]
+    for n in token_counts:
+        lr = learning_rate(n, config.schedule, budget, batch)
+        factor = lr / config.schedule.lr_max
+        lines.append(f"{n:>18,}  {lr:>10.4e}  " + "  ".join(f"{factor * b:>16.4e}" for b in bases.values()))
+    return lines

@@ -7,6 +7,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ from megatron_power.config import Config, to_yaml
 from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
 from megatron_power.metrics import MetricsLogger
 from megatron_power.model import build_model
-from megatron_power.scheduler import TokenScheduler
+from megatron_power.scheduler import TokenScheduler, phase_tokens
 
 
 class NonFiniteError(RuntimeError):
@@ -151,6 +152,25 @@ def evaluate(config: Config, model, dataset, rt: runtime.Runtime) -> float:
     return sum(losses) / len(losses)
 
 
+def _restore(config: Config, model, optimizer):
+    """Resume this run from its latest checkpoint; else start stage 2 from stage 1's; else fresh."""
+    own = checkpoint.latest(config.checkpoint_dir)
+    if own is not None:
+        state = TrainState(**checkpoint.load(own, model, optimizer)["train_state"])
+        return state, f"resumed from {own} at step {state.step} ({state.consumed_tokens:,} tokens)"
+    if config.train.stage == 2:
+        source = checkpoint.resolve(Path(config.checkpoint.init_from))
+        state = TrainState(**checkpoint.load(source, model, optimizer)["train_state"])
+        state.consumed_samples = 0  # stage 2 reads its own blend from the beginning
+        decay_start = config.train.tokens - phase_tokens(config.schedule.decay, config.train.tokens)
+        note = ("" if decay_start == state.consumed_tokens else
+                f"; note: its decay starts at {decay_start:,} tokens, not where stage 1 ended")
+        return state, (f"stage 2 from {source}: {state.consumed_tokens:,} tokens seen in stage 1, "
+                       f"{config.train.tokens - state.consumed_tokens:,} to go{note}")
+    steps = config.train.tokens // config.tokens_per_step
+    return TrainState(), f"starting {config.name}: {steps} steps of {config.tokens_per_step:,} tokens"
+
+
 def train(config: Config) -> TrainState:
     rt = runtime.initialize(config)
     stop = StopRequest()
@@ -161,16 +181,11 @@ def train(config: Config) -> TrainState:
     scheduler = TokenScheduler(optimizer, config.schedule, t.tokens, config.optim.weight_decay)
     train_data, valid_data = build_datasets(config, tokenizer)
 
-    state = TrainState()
     ckpt_dir = config.checkpoint_dir
-    resume_from = checkpoint.latest(ckpt_dir)
-    if resume_from is not None:
-        state = TrainState(**checkpoint.load(resume_from, model, optimizer)["train_state"])
-    log = MetricsLogger(config, rt, optimizer, start_step=state.step)
-    if resume_from is not None:
-        log.info(f"resumed from {resume_from} at step {state.step} ({state.consumed_tokens:,} tokens)")
-    else:
-        log.info(f"starting {config.name}: {config.train_steps} steps of {config.tokens_per_step:,} tokens")
+    state, message = _restore(config, model, optimizer)
+    final_step = state.step + (t.tokens - state.consumed_tokens) // config.tokens_per_step
+    log = MetricsLogger(config, rt, optimizer, start_step=state.step, final_step=final_step)
+    log.info(message)
     if rt.rank == 0:
         config.run_dir.mkdir(parents=True, exist_ok=True)
         (config.run_dir / "config.yaml").write_text(to_yaml(config))
@@ -180,7 +195,8 @@ def train(config: Config) -> TrainState:
                         {"train_state": asdict(state), "config": to_yaml(config)}, config.checkpoint.keep)
 
     forward_backward = get_forward_backward_func()
-    while state.step < config.train_steps:
+    # The budget is in tokens, so a run resumed with another batch size ends where it should.
+    while state.consumed_tokens + config.tokens_per_step <= t.tokens:
         lr = scheduler.step(state.consumed_tokens, t.global_batch_size)
         batches = micro_batches(train_data, state.consumed_samples, t.global_batch_size,
                                 t.micro_batch_size, rt.dp, rt.dp_rank)
@@ -211,7 +227,7 @@ def train(config: Config) -> TrainState:
                     f"{checkpoint.latest(ckpt_dir) or 'none (no checkpoint was saved yet)'}")
         log.step(state.step, state.consumed_tokens, loss, lr, grad_norm, state.skipped_steps)
 
-        last = state.step == config.train_steps
+        last = state.consumed_tokens + config.tokens_per_step > t.tokens
         if state.step % t.eval_interval == 0 or last:
             log.validation(state.step, state.consumed_tokens, evaluate(config, model, valid_data, rt))
         # A skipped step changed nothing worth saving; the last good checkpoint stays the latest.

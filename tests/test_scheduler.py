@@ -40,3 +40,61 @@ def test_decay_shapes_run_from_one_to_zero(shape):
     assert f(0.0) == pytest.approx(1.0)
     assert f(1.0) == pytest.approx(0.0, abs=1e-12)
     assert all(f(r / 10) >= f((r + 1) / 10) for r in range(10))
+
+
+class _Optimizer:
+    """What OptimizerParamScheduler touches: param_groups."""
+
+    def __init__(self, max_lr, min_lr):
+        self.param_groups = [{"max_lr": max_lr, "min_lr": min_lr, "params": []}]
+
+
+@pytest.mark.parametrize("kind,shape,megatron_style", [
+    ("cosine", "cosine", ("cosine", None)),
+    ("wsd", "linear", ("WSD", "linear")),
+    ("wsd", "cosine", ("WSD", "cosine")),
+    ("wsd", "exp_megatron", ("WSD", "exponential")),
+    ("wsd", "1-sqrt", ("WSD", "minus_sqrt")),
+])
+def test_wsd_and_cosine_match_megatron_step_by_step(kind, shape, megatron_style):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    steps, warmup_steps, decay_steps, tokens_per_step = 200, 20, 60, 4096 * 8
+    s = ScheduleConfig(kind=kind, lr_max=3e-3, min_lr=3e-5, warmup=warmup_steps * tokens_per_step,
+                       decay=decay_steps * tokens_per_step if kind == "wsd" else 0, decay_shape=shape)
+    style, wsd_style = megatron_style
+    reference = OptimizerParamScheduler(
+        _Optimizer(s.lr_max, s.min_lr), init_lr=0.0, max_lr=s.lr_max, min_lr=s.min_lr,
+        lr_warmup_steps=warmup_steps, lr_decay_steps=steps, lr_decay_style=style,
+        start_wd=0.1, end_wd=0.1, wd_incr_steps=steps, wd_incr_style="constant",
+        wsd_decay_steps=decay_steps if kind == "wsd" else None, lr_wsd_decay_style=wsd_style)
+    for step in range(steps + 1):
+        reference.num_steps = step
+        expected = reference.get_lr(reference.optimizer.param_groups[0])
+        ours = learning_rate(step * tokens_per_step, s, steps * tokens_per_step, 8)
+        assert ours == pytest.approx(expected, rel=1e-12, abs=1e-15), f"step {step}"
+
+
+def test_batch_size_changes_the_power_schedule_as_the_paper_prescribes():
+    s = ScheduleConfig(kind="power", **PAPER)
+    assert learning_rate(1e12, s, 10**13, 2048) == pytest.approx(2 * learning_rate(1e12, s, 10**13, 1024))
+
+
+def test_schedule_command_prints_each_requested_point(tmp_path):
+    import subprocess
+
+    from conftest import BIN, ROOT
+
+    png = tmp_path / "schedule.png"
+    result = subprocess.run(
+        [str(BIN / "megatron-power"), "schedule", "proxy", "train.global_batch_size=1024",
+         "train.micro_batch_size=1", "model.seq_length=4096", "train.tokens=1.25T", "schedule.lr_max=0.02",
+         "schedule.warmup=0", "schedule.decay=250B", "--world-size", "1024",
+         "--at", "1e11", "1T", "1.25T", "--plot", str(png)],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    rows = [line.split() for line in result.stdout.splitlines()[1:4]]
+    assert [r[0] for r in rows] == ["100,000,000,000", "1,000,000,000,000", "1,250,000,000,000"]
+    assert float(rows[0][1]) == pytest.approx(1.0e-2, rel=0.01)
+    assert float(rows[1][1]) == pytest.approx(3.1e-3, rel=0.01)
+    assert float(rows[2][1]) == 0.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,86 @@
+"""The schedule in real runs: it follows tokens across resumes, batch-size changes and stages."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import BIN, ROOT, SMALL, metrics, run_train
+
+from megatron_power.config import load_config
+from megatron_power.scheduler import learning_rate
+
+TPS = 32 * 256  # tokens per step at the proxy's batch
+# A small `a` puts the Power law below its cap, so the lr depends on tokens and batch size.
+POWER = ["schedule.a=0.01", "schedule.lr_max=0.01", "schedule.warmup=0"]
+
+
+def rows(run_dir):
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+
+
+def kill_after(cmd, log_dir, steps):
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (log_dir / "metrics.jsonl").is_file() and len(rows(log_dir)) >= steps:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_batch_size_change_at_resume_stays_on_the_token_schedule(default_data, tmp_path):
+    budget = 16 * TPS
+    overrides = SMALL + POWER + [f"train.tokens={budget}", "schedule.decay=0.25", "checkpoint.interval=2"]
+    cmd = [str(BIN / "megatron-power"), "train", "proxy", f"out_dir={tmp_path}", "name=ramp", *overrides]
+    kill_after(cmd, tmp_path / "ramp", 5)
+    run_train(tmp_path, "ramp", overrides + ["train.global_batch_size=64"])
+
+    config = load_config("proxy", overrides, check_paths=False)
+    seen = {}
+    for row in rows(tmp_path / "ramp"):
+        seen[row["step"]] = row  # a resumed step overwrites its first attempt
+    ordered = [seen[k] for k in sorted(seen)]
+    assert ordered[-1]["tokens"] == budget  # ends exactly at the budget, in fewer, larger steps
+    batches = {r["tokens"] - p["tokens"] for p, r in zip(ordered, ordered[1:])}
+    assert batches == {TPS, 2 * TPS}
+    previous = 0
+    for row in ordered:
+        batch = (row["tokens"] - previous) // 256
+        assert row["lr"] == pytest.approx(learning_rate(previous, config.schedule, budget, batch), rel=1e-12)
+        previous = row["tokens"]
+
+
+@pytest.mark.slow
+def test_stage_two_starts_at_stage_one_lr_and_decays_to_zero(default_data, tmp_path):
+    stage1_tokens, stage2_tokens = 6 * TPS, 6 * TPS
+    stage1 = SMALL + POWER + [f"train.tokens={stage1_tokens}", "schedule.decay=0"]  # no decay
+    run_train(tmp_path, "stage1", stage1)
+    stage2 = SMALL + POWER + [
+        "train.stage=2", f"checkpoint.init_from={tmp_path / 'stage1' / 'checkpoints'}",
+        f"train.tokens={stage1_tokens + stage2_tokens}", f"schedule.decay={stage2_tokens}",
+        # Stage 2 adds data to the stage-1 mix (here: the validation split, as a stand-in).
+        "data.train=[0.7,data/stdlib/train,0.3,data/stdlib/valid]",
+    ]
+    result = run_train(tmp_path, "stage2", stage2)
+    assert "stage 2 from" in result.stdout
+
+    s1 = load_config("proxy", stage1, check_paths=False)
+    s2 = load_config("proxy", stage2, check_paths=False)
+    reached = learning_rate(stage1_tokens, s1.schedule, stage1_tokens, 32)  # where stage 1 left off
+    lrs = [r["lr"] for r in rows(tmp_path / "stage2")]
+    assert rows(tmp_path / "stage2")[0]["tokens"] == stage1_tokens + TPS  # continues the token count
+    assert lrs[0] == pytest.approx(reached, rel=1e-12)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert learning_rate(stage1_tokens + stage2_tokens, s2.schedule, s2.train.tokens, 32) == 0.0
+    # The stage-1 run's checkpoints are read, never written.
+    assert sorted(p.name for p in (tmp_path / "stage1" / "checkpoints").iterdir()) == ["iter_0000006", "latest"]
