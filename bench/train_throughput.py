@@ -1,7 +1,7 @@
 """Training tokens/s of `megatron-power train` against a plain PyTorch loop of the same model.
 
-The baseline is Hugging Face's GraniteForCausalLM with the proxy's dimensions (RMSNorm, RoPE,
-SwiGLU, tied embeddings, no biases), the same global and micro batch, AdamW and gradient
+The baseline is Hugging Face's GraniteForCausalLM with the proxy's dimensions and muP multipliers
+(RMSNorm, RoPE, SwiGLU, tied embeddings, no biases), the same global and micro batch, AdamW and gradient
 clipping, on the same tokens. Both run in this script, one after the other, on the same threads.
 Throughput is measured after the first `--warmup` steps of each.
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -42,20 +41,12 @@ def megatron_power_tokens_per_s(steps: int, warmup: int, overrides) -> float:
 
 
 def plain_loop_tokens_per_s(config, steps: int, warmup: int) -> float:
-    from transformers import GraniteConfig, GraniteForCausalLM
+    from transformers import GraniteForCausalLM
+
+    from megatron_power.convert.granite import hf_config
 
     m, t = config.model, config.train
-    vocab = padded_vocab_size(8192, 1)
-    hf = GraniteConfig(
-        vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_query_groups or m.num_attention_heads,
-        max_position_embeddings=m.seq_length, rms_norm_eps=m.norm_epsilon, rope_theta=m.rotary_base,
-        tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False,
-        embedding_multiplier=1.0, residual_multiplier=1.0, logits_scaling=1.0,
-        attention_multiplier=1.0 / math.sqrt(m.hidden_size // m.num_attention_heads),
-        attention_dropout=0.0,
-    )
+    hf = hf_config(config, padded_vocab_size(8192, 1))  # same shapes and muP multipliers
     torch.manual_seed(0)
     model = GraniteForCausalLM(hf).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1)

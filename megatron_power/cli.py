@@ -59,6 +59,52 @@ def _data(args) -> int:
     return 0
 
 
+def _coordcheck(args) -> int:
+    from pathlib import Path
+
+    from megatron_power import coordcheck
+    from megatron_power.config import load_config
+
+    try:
+        widths = sorted({int(w) for w in args.widths.split(",")})
+    except ValueError:
+        print(f"error: --widths: expected comma-separated integers, got '{args.widths}'", file=sys.stderr)
+        return 2
+    if len(widths) < 2 or any(w % coordcheck.HEAD_DIM for w in widths):
+        print(f"error: --widths: expected two or more multiples of {coordcheck.HEAD_DIM}, got {widths}",
+              file=sys.stderr)
+        return 2
+    config = load_config(args.recipe, args.overrides)
+    rows = coordcheck.run(config, widths, args.steps)
+    out = Path(args.out or config.run_dir / "coordcheck")
+    coordcheck.write(rows, out)
+    print("\n".join(coordcheck.summary(rows)))
+    print(f"wrote {out / 'coordcheck.csv'} and {out / 'coordcheck.png'}")
+    return 0
+
+
+def _params(args) -> int:
+    from megatron_power import runtime
+    from megatron_power.config import load_config
+    from megatron_power.data import TokenizerInfo
+    from megatron_power.model import build_model
+    from megatron_power.train import build_optimizer, wrap_model
+
+    config = load_config(args.recipe, args.overrides)
+    runtime.initialize(config)
+    vocab = TokenizerInfo.from_sentencepiece(config.data.tokenizer).vocab_size
+    model = wrap_model(config, build_model(config, vocab))
+    optimizer = build_optimizer(config, model)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    print(f"{'parameter':<58} {'shape':<14} {'max_lr':>10} {'weight_decay':>12}")
+    for name, param in model.module.named_parameters():
+        group = group_of[id(param)]
+        print(f"{name:<58} {'x'.join(map(str, param.shape)):<14} {group['max_lr']:>10.4g} "
+              f"{config.optim.weight_decay * group['wd_mult']:>12.4g}")
+    runtime.shutdown()
+    return 0
+
+
 def _config(args) -> int:
     from megatron_power.config import load_config, to_yaml
 
@@ -89,6 +135,19 @@ def parser() -> argparse.ArgumentParser:
     schedule.add_argument("--world-size", type=int, default=1)
     schedule.set_defaults(run=_schedule)
 
+    coord = verbs.add_parser("coordcheck", help="muP coordinate check: activation RMS against width")
+    coord.add_argument("recipe")
+    coord.add_argument("overrides", nargs="*")
+    coord.add_argument("--widths", default="64,128,256,512")
+    coord.add_argument("--steps", type=int, default=5)
+    coord.add_argument("--out", help="output directory (default: runs/<name>/coordcheck)")
+    coord.set_defaults(run=_coordcheck)
+
+    params = verbs.add_parser("params", help="list every parameter with its lr and weight decay")
+    params.add_argument("recipe")
+    params.add_argument("overrides", nargs="*")
+    params.set_defaults(run=_params)
+
     config = verbs.add_parser("config", help="print a recipe with overrides applied, after validation")
     config.add_argument("recipe")
     config.add_argument("overrides", nargs="*")
@@ -100,7 +159,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from megatron_power.config import ConfigError
 
-    args = parser().parse_args(argv)
+    cli = parser()
+    args, extra = cli.parse_known_args(argv)
+    # Overrides may also follow the options (`coordcheck proxy --steps 3 model.num_layers=2`).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        cli.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except ConfigError as e:

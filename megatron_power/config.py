@@ -38,6 +38,17 @@ class ModelConfig:
 
 
 @dataclass
+class MupConfig:
+    """muP (see mup.py); off gives standard parametrization for comparison."""
+
+    enabled: bool = False
+    base_width: Optional[int] = None  # d_base; m_width = hidden_size / base_width
+    width_mult: Optional[float] = None  # or m_width directly
+    emb_mult: float = 12.0
+    residual_mult: float = 0.22
+
+
+@dataclass
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
@@ -107,6 +118,7 @@ class Config:
     name: str = "proxy"
     out_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
+    mup: MupConfig = field(default_factory=MupConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -293,6 +305,13 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
     need(bool(re.fullmatch(r"[A-Za-z0-9._-]+", c.name)),
          f"name '{c.name}' must be letters, digits, '.', '_' or '-' (it names the run directory)")
 
+    if c.mup.enabled:
+        given = [f for f in ("base_width", "width_mult") if getattr(c.mup, f) is not None]
+        need(len(given) == 1, f"mup.enabled needs exactly one of mup.base_width and mup.width_mult, got "
+             f"{' and '.join(given) or 'neither'}")
+        for name in ("base_width", "width_mult", "emb_mult", "residual_mult"):
+            value = getattr(c.mup, name)
+            need(value is None or value > 0, f"mup.{name} must be positive, got {value}")
     errors += scheduler.validate(c.schedule, t.tokens)
     if check_paths:
         errors += _validate_data(c.data)

@@ -11,6 +11,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_power import mup
+
 VOCAB_PAD_MULTIPLE = 128  # as Megatron-LM's --make-vocab-size-divisible-by
 
 
@@ -50,6 +52,7 @@ def transformer_config(config) -> TransformerConfig:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_std,
+        softmax_scale=mup.softmax_scale(config),
         bf16=cuda,
         params_dtype=torch.bfloat16 if cuda else torch.float32,
         pipeline_dtype=torch.bfloat16 if cuda else torch.float32,
@@ -66,19 +69,21 @@ def transformer_config(config) -> TransformerConfig:
     )
 
 
-def layer_spec(tconfig: TransformerConfig):
+def layer_spec(tconfig: TransformerConfig, config):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if tconfig.transformer_impl == "transformer_engine":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    return mup.apply_to_layer_spec(spec, config)
 
 
 def build_model(config, vocab_size: int) -> GPTModel:
     tconfig = transformer_config(config)
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=layer_spec(tconfig),
+        transformer_layer_spec=layer_spec(tconfig, config),
         vocab_size=padded_vocab_size(vocab_size, config.parallel.tp),
         max_sequence_length=config.model.seq_length,
         pre_process=ps.is_pipeline_first_stage(),
@@ -90,17 +95,8 @@ def build_model(config, vocab_size: int) -> GPTModel:
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     initialize_weights(model, config)
+    mup.attach_multipliers(model, config)
     return model
-
-
-def init_std(key: str, config) -> float:
-    """Standard deviation of the normal init of the (global) parameter `key`; 0 means ones."""
-    m = config.model
-    if "norm" in ".".join(key.split(".")[-2:]):  # input_layernorm, linear_qkv.layer_norm_weight, ...
-        return 0.0
-    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
-        return m.init_std / math.sqrt(2.0 * m.num_layers)
-    return m.init_std
 
 
 def _sharded_tensors(sharded_state_dict):
@@ -121,7 +117,7 @@ def initialize_weights(model: GPTModel, config) -> None:
     """
     seed = config.train.seed
     for sh in _sharded_tensors(model.sharded_state_dict(prefix="")):
-        std = init_std(sh.key, config)
+        std = mup.init_std(sh.key, config)
         if std == 0.0:
             sh.data.fill_(1.0)
             continue

@@ -114,15 +114,11 @@ class TokenScheduler:
         return lr
 
 
-def group_base_lrs(config) -> Dict[str, float]:
-    """Each parameter group's own base (peak) learning rate; the schedule's shape multiplies it.
-    Without muP every group shares schedule.lr_max."""
-    return {"all parameters": config.schedule.lr_max}
-
-
 def schedule_table(config, token_counts: List[int]) -> List[str]:
     """One line per token count: the base lr and the lr of each parameter group."""
     batch, budget = config.train.global_batch_size, config.train.tokens
+    from megatron_power.mup import group_base_lrs
+
     bases = group_base_lrs(config)
     lines = [f"{'tokens':>18}  {'lr':>10}  " + "  ".join(f"{name:>16}" for name in bases)]
     for n in token_counts:

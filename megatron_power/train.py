@@ -18,7 +18,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_power import checkpoint, runtime
+from megatron_power import checkpoint, mup, runtime
 from megatron_power.config import Config, to_yaml
 from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
 from megatron_power.metrics import MetricsLogger
@@ -68,7 +68,8 @@ def build_optimizer(config: Config, model):
         params_dtype=torch.bfloat16 if cuda else torch.float32,
         use_distributed_optimizer=config.parallel.distributed_optimizer,
     )
-    return get_megatron_optimizer(optimizer_config, [model])
+    return get_megatron_optimizer(optimizer_config, [model],
+                                  config_overrides=mup.optimizer_overrides(config, optimizer_config))
 
 
 def wrap_model(config: Config, model):

@@ -1,0 +1,1 @@
+"""Megatron <-> Hugging Face Granite conversion."""

@@ -1,0 +1,156 @@
+"""The muP coordinate check (Yang et al. 2022; the `mup` package's coord check) on Megatron-Core.
+
+For each width, with muP and with standard parametrization, train a few steps of the recipe and
+record the RMS of the embedding output, each block's attention and MLP outputs and the logits at
+every step. Under muP these stay flat across widths; under standard parametrization the logits
+grow with width.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_power import runtime
+from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
+from megatron_power.model import build_model
+from megatron_power.scheduler import TokenScheduler
+from megatron_power.train import build_optimizer, forward_step, wrap_model
+
+HEAD_DIM = 64
+
+
+def at_width(config, width: int, mup_enabled: bool):
+    """The recipe at another width: heads of HEAD_DIM, the recipe's MLP ratio, muP on or off, and
+    the schedule's peak lr from the first step (a coordinate check measures updates at full lr)."""
+    m = config.model
+    model = replace(m, hidden_size=width, num_attention_heads=max(1, width // HEAD_DIM),
+                    num_query_groups=None, ffn_hidden_size=width * m.ffn_hidden_size // m.hidden_size)
+    return replace(config, model=model, mup=replace(config.mup, enabled=mup_enabled),
+                   schedule=replace(config.schedule, warmup=0.0, decay=0.0))
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.detach().float().pow(2).mean().sqrt())
+
+
+def _record(model, values: Dict[str, float]) -> List:
+    """Forward hooks on the first micro-batch of each step; registered after the muP hooks, so the
+    recorded values are what the next layer sees."""
+    handles = []
+
+    def hook(name):
+        def record(module, args, out):
+            if name not in values:
+                values[name] = _rms(out[0] if isinstance(out, tuple) else out)
+        return record
+
+    handles.append(model.embedding.register_forward_hook(hook("embedding")))
+    for i, layer in enumerate(model.decoder.layers):
+        handles.append(layer.self_attention.register_forward_hook(hook(f"attn.{i}")))
+        handles.append(layer.mlp.register_forward_hook(hook(f"mlp.{i}")))
+    handles.append(model.output_layer.register_forward_hook(hook("logits")))
+    return handles
+
+
+def run(config, widths: List[int], steps: int) -> List[dict]:
+    """Rows of (parametrization, width, step, quantity, rms) for every width, both ways."""
+    rt = runtime.initialize(config)
+    tokenizer = TokenizerInfo.from_sentencepiece(config.data.tokenizer)
+    train_data, _ = build_datasets(config, tokenizer)
+    t = config.train
+    rows = []
+    for mup_enabled in (True, False):
+        for width in widths:
+            c = at_width(config, width, mup_enabled)
+            gpt = build_model(c, tokenizer.vocab_size)
+            model = wrap_model(c, gpt)
+            optimizer = build_optimizer(c, model)
+            scheduler = TokenScheduler(optimizer, c.schedule, t.tokens, c.optim.weight_decay)
+            for step in range(steps):
+                values: Dict[str, float] = {}
+                handles = _record(gpt, values)
+                scheduler.step(step * c.tokens_per_step, t.global_batch_size)
+                batches = micro_batches(train_data, step * t.global_batch_size, t.global_batch_size,
+                                        t.micro_batch_size, rt.dp, rt.dp_rank)
+                model.zero_grad_buffer()
+                optimizer.zero_grad()
+                get_forward_backward_func()(
+                    forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+                    num_microbatches=len(batches), seq_length=c.model.seq_length,
+                    micro_batch_size=t.micro_batch_size, forward_only=False)
+                optimizer.step()
+                for handle in handles:
+                    handle.remove()
+                rows += [{"param": "muP" if mup_enabled else "SP", "width": width, "step": step,
+                          "quantity": name, "rms": value} for name, value in values.items()]
+    runtime.shutdown()
+    return rows
+
+
+def slopes(rows: List[dict], step: int) -> Dict[tuple, float]:
+    """Least-squares slope of log(rms) against log(width), per (parametrization, quantity)."""
+    groups: Dict[tuple, list] = {}
+    for r in rows:
+        if r["step"] == step:
+            groups.setdefault((r["param"], r["quantity"]), []).append((r["width"], r["rms"]))
+    return {key: float(np.polyfit(np.log([w for w, _ in pts]), np.log([v for _, v in pts]), 1)[0])
+            for key, pts in groups.items()}
+
+
+def write(rows: List[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "coordcheck.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["param", "width", "step", "quantity", "rms"])
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot(rows, out / "coordcheck.png")
+
+
+def _plot(rows: List[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["step"] for r in rows})
+    params = ["muP", "SP"]
+    fig, axes = plt.subplots(len(params), len(steps), figsize=(3.2 * len(steps), 6), sharex=True,
+                             squeeze=False)
+    quantities = sorted({r["quantity"] for r in rows}, key=lambda q: (q != "embedding", q == "logits", q))
+    colors = plt.cm.viridis(np.linspace(0, 1, len(quantities)))
+    for i, param in enumerate(params):
+        for j, step in enumerate(steps):
+            ax = axes[i][j]
+            for q, color in zip(quantities, colors):
+                pts = sorted((r["width"], r["rms"]) for r in rows
+                             if r["param"] == param and r["step"] == step and r["quantity"] == q)
+                ax.plot([w for w, _ in pts], [v for _, v in pts], marker="o", color=color,
+                        lw=2.5 if q == "logits" else 1, label=q)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{param}, step {step}")
+            if j == 0:
+                ax.set_ylabel("RMS of activation")
+            if i == len(params) - 1:
+                ax.set_xlabel("width")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle("Coordinate check: activation RMS against width")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary(rows: List[dict]) -> List[str]:
+    last = max(r["step"] for r in rows)
+    lines = [f"slope of log RMS against log width at step {last}:"]
+    for (param, quantity), slope in sorted(slopes(rows, last).items()):
+        lines.append(f"  {param:>4} {quantity:<10} {slope:+.3f}")
+    return lines
+

@@ -1,0 +1,125 @@
+"""muP as the paper (Shen et al. 2024) and IBM's code use it, wired through Megatron-Core.
+
+With m_width = d_model / d_base:
+- embedding output x emb_mult                      (forward hook on GPTModel.embedding)
+- attention and MLP outputs x residual_mult        (the layer spec's bias-dropout-add functions)
+- attention logits x 1/d_head, not 1/sqrt(d_head)  (TransformerConfig.softmax_scale)
+- output logits / m_width                          (forward hook on GPTModel.output_layer)
+- init std init_std / sqrt(m_width) for hidden matrices, also / sqrt(2 * layers) for output
+  projections; embeddings at init_std              (model.initialize_weights)
+- AdamW: hidden matrices at lr / m_width, the rest at lr; no weight decay on norms and biases
+                                                   (get_megatron_optimizer's config_overrides)
+With muP off, every multiplier is 1 and the model is in standard parametrization.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamPredicate
+
+
+def width_mult(config) -> float:
+    mup = config.mup
+    if not mup.enabled:
+        return 1.0
+    return mup.width_mult if mup.width_mult is not None else config.model.hidden_size / mup.base_width
+
+
+def emb_mult(config) -> float:
+    return config.mup.emb_mult if config.mup.enabled else 1.0
+
+
+def residual_mult(config) -> float:
+    return config.mup.residual_mult if config.mup.enabled else 1.0
+
+
+def softmax_scale(config) -> Optional[float]:
+    """1/d_head with muP; None keeps Megatron's 1/sqrt(d_head)."""
+    if not config.mup.enabled:
+        return None
+    return 1.0 / (config.model.hidden_size // config.model.num_attention_heads)
+
+
+def is_norm(key: str) -> bool:
+    return "norm" in ".".join(key.split(".")[-2:])  # input_layernorm, linear_qkv.layer_norm_weight
+
+
+def is_embedding_or_output(key: str) -> bool:
+    return key.startswith(("embedding.", "output_layer."))
+
+
+def init_std(key: str, config) -> float:
+    """Std of the normal init of the global parameter `key`; 0 means ones (norm weights)."""
+    if is_norm(key):
+        return 0.0
+    std = config.model.init_std
+    if is_embedding_or_output(key):
+        return std
+    std /= math.sqrt(width_mult(config))
+    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        std /= math.sqrt(2.0 * config.model.num_layers)
+    return std
+
+
+def scaled_bias_dropout_add(multiplier: float):
+    """A bias-dropout-add spec entry that scales the block output before it joins the residual."""
+
+    def bias_dropout_add(training, fused):
+        inner = get_bias_dropout_add(training, fused)
+
+        def scaled(x_with_bias, residual, prob):
+            x, bias = x_with_bias
+            return inner((x * multiplier, None if bias is None else bias * multiplier), residual, prob)
+
+        return scaled
+
+    return bias_dropout_add
+
+
+def apply_to_layer_spec(spec, config):
+    """Residual multiplier on every attention and MLP output of a TransformerLayer spec."""
+    if residual_mult(config) != 1.0:
+        spec.submodules.self_attn_bda = scaled_bias_dropout_add(residual_mult(config))
+        spec.submodules.mlp_bda = scaled_bias_dropout_add(residual_mult(config))
+    return spec
+
+
+def attach_multipliers(model, config) -> None:
+    """Embedding multiplier and logits scaling on the stages that hold those layers."""
+    m_emb, m_width = emb_mult(config), width_mult(config)
+    if m_emb != 1.0 and getattr(model, "pre_process", False):
+        model.embedding.register_forward_hook(lambda module, args, out: out * m_emb)
+    if m_width != 1.0 and getattr(model, "post_process", False):
+        def scale_logits(module, args, out):
+            logits, bias = out
+            return logits / m_width, bias
+
+        model.output_layer.register_forward_hook(scale_logits)
+
+
+def _is_hidden_matrix(param) -> bool:
+    return param.dim() >= 2 and not getattr(param, "is_embedding_or_output_parameter", False)
+
+
+def optimizer_overrides(config, optimizer_config) -> Dict:
+    """Megatron's standard groups (no weight decay on norms and biases) plus, with muP, hidden
+    matrices (attention, MLP, experts, router) at lr / m_width."""
+    overrides = get_standard_config_overrides(optimizer_config)
+    m_width = width_mult(config)
+    if m_width != 1.0:
+        hidden = ParamKey(predicate=ParamPredicate(name="mup_hidden_matrix", fn=_is_hidden_matrix))
+        overrides[hidden] = {"max_lr": config.schedule.lr_max / m_width,
+                             "min_lr": config.schedule.min_lr / m_width}
+    return overrides
+
+
+def group_base_lrs(config) -> Dict[str, float]:
+    """Each kind of parameter's own base (peak) lr; the schedule's shape multiplies it."""
+    lr = config.schedule.lr_max
+    if width_mult(config) == 1.0:
+        return {"all parameters": lr}
+    return {"embeddings+norms": lr, "hidden matrices": lr / width_mult(config)}

@@ -1,0 +1,86 @@
+"""muP: coordinate check, parameter groups, and the forward pass against Granite's formulas."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BIN, ROOT
+
+from megatron_power.config import load_config
+from megatron_power.coordcheck import slopes
+
+STEPS = 7
+COORD = ["model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
+         "train.micro_batch_size=8"]
+
+
+@pytest.mark.slow
+def test_coordinate_check_is_flat_under_mup_and_not_under_sp(default_data, tmp_path):
+    subprocess.run([str(BIN / "megatron-power"), "coordcheck", "proxy", "--widths", "128,256,512,1024",
+                    "--steps", str(STEPS), "--out", str(tmp_path), *COORD, f"out_dir={tmp_path}"],
+                   cwd=ROOT, check=True, capture_output=True)
+    rows = [dict(r, width=int(r["width"]), step=int(r["step"]), rms=float(r["rms"]))
+            for r in csv.DictReader(open(tmp_path / "coordcheck.csv"))]
+    assert (tmp_path / "coordcheck.png").read_bytes()[:4] == b"\x89PNG"
+    last = slopes(rows, STEPS - 1)
+    quantities = {q for _, q in last}
+    assert quantities == {"embedding", "attn.0", "attn.1", "mlp.0", "mlp.1", "logits"}
+    for q in quantities:
+        # muP: every activation and the logits keep their scale across an 8x range of widths.
+        assert abs(last["muP", q]) <= 0.1, (q, last["muP", q])
+    for q in ("attn.0", "attn.1", "mlp.0", "mlp.1"):
+        assert last["SP", q] > 0.5, (q, last["SP", q])  # standard parametrization: they grow
+    # SP logits grow with width (about sqrt(width)) once updates start; with the final RMSNorm
+    # and this lr they saturate a few steps later, which is why step 1 is the one asserted.
+    assert slopes(rows, 1)["SP", "logits"] > 0.3
+
+
+def _params(*overrides):
+    out = subprocess.run([str(BIN / "megatron-power"), "params", "proxy", *overrides], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout.splitlines()[1:]
+    return {cols[0]: (float(cols[2]), float(cols[3])) for cols in (line.split() for line in out)}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_groups_follow_the_mup_rules(default_data, tied):
+    lr, wd, m_width = 0.02, 0.1, 4.0
+    groups = _params("model.num_layers=2", "mup.base_width=64", f"model.tie_embeddings={tied}",
+                     f"schedule.lr_max={lr}", f"optim.weight_decay={wd}")
+    expected = {
+        "embedding.word_embeddings.weight": (lr, wd),
+        "decoder.final_layernorm.weight": (lr, 0.0),
+    }
+    if not tied:
+        expected["output_layer.weight"] = (lr, wd)
+    for i in range(2):
+        layer = f"decoder.layers.{i}."
+        expected[layer + "input_layernorm.weight"] = (lr, 0.0)
+        expected[layer + "pre_mlp_layernorm.weight"] = (lr, 0.0)
+        for matrix in ("self_attention.linear_qkv", "self_attention.linear_proj",
+                       "mlp.linear_fc1", "mlp.linear_fc2"):
+            expected[layer + matrix + ".weight"] = (lr / m_width, wd)
+    assert groups.keys() == expected.keys()  # every parameter, each in exactly one group
+    for name, (group_lr, group_wd) in expected.items():
+        assert groups[name] == pytest.approx((group_lr, group_wd)), name
+
+
+def test_standard_parametrization_has_one_learning_rate(default_data):
+    groups = _params("model.num_layers=1", "mup.enabled=false")
+    assert {lr for lr, _ in groups.values()} == {load_config("proxy").schedule.lr_max}
+
+
+@pytest.mark.parametrize("overrides", [
+    ["mup.base_width=64"],
+    ["mup.base_width=null", "mup.width_mult=2", "model.tie_embeddings=false", "model.num_query_groups=2"],
+    ["mup.enabled=false"],
+], ids=["mup-tied", "mup-untied-gqa", "sp"])
+def test_forward_equals_granite(default_data, overrides):
+    """Megatron's forward with the muP wiring equals transformers' GraniteForCausalLM on the same
+    weights (fp32; tolerance 1e-5 of the largest logit; seen: about 2e-7)."""
+    small = ["model.hidden_size=128", "model.ffn_hidden_size=384", "model.num_layers=2", "model.seq_length=64"]
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "granite_parity.py"), *small, *overrides],
+                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    diff = float(out.split("max_rel_diff")[1])
+    assert diff < 1e-5
