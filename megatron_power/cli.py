@@ -84,24 +84,42 @@ def _coordcheck(args) -> int:
 
 
 def _params(args) -> int:
+    from dataclasses import replace
+
     from megatron_power import runtime
-    from megatron_power.config import load_config
+    from megatron_power.config import load_config, model_vocab_size
     from megatron_power.data import TokenizerInfo
     from megatron_power.model import build_model
     from megatron_power.train import build_optimizer, wrap_model
 
     config = load_config(args.recipe, args.overrides)
+    # Groups are the same with the distributed optimizer, whose groups hold shards, not parameters.
+    config = replace(config, parallel=replace(config.parallel, distributed_optimizer=False))
     runtime.initialize(config)
-    vocab = TokenizerInfo.from_sentencepiece(config.data.tokenizer).vocab_size
+    vocab = model_vocab_size(config, TokenizerInfo.from_sentencepiece(config.data.tokenizer).vocab_size)
     model = wrap_model(config, build_model(config, vocab))
     optimizer = build_optimizer(config, model)
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    group_of = {id(p): g for chained in optimizer.chained_optimizers
+                for g in chained.optimizer.param_groups for p in g["params"]}
     print(f"{'parameter':<58} {'shape':<14} {'max_lr':>10} {'weight_decay':>12}")
     for name, param in model.module.named_parameters():
         group = group_of[id(param)]
-        print(f"{name:<58} {'x'.join(map(str, param.shape)):<14} {group['max_lr']:>10.4g} "
+        print(f"{name:<58} {'x'.join(map(str, param.shape)):<14} {group['max_lr'] * group['lr_mult']:>10.4g} "
               f"{config.optim.weight_decay * group['wd_mult']:>12.4g}")
     runtime.shutdown()
+    return 0
+
+
+def _plan(args) -> int:
+    from megatron_power import plan
+    from megatron_power.config import ConfigError, load_config
+
+    config = load_config(args.recipe, args.overrides, args.gpus, check_paths=False)
+    vocab = config.model.vocab_size
+    if vocab is None:
+        raise ConfigError("plan needs model.vocab_size (the recipe's vocabulary), e.g. model.vocab_size=49152")
+    counts = plan.count_parameters(config, vocab)
+    print("\n".join(plan.report(config, counts, args.gpus, args.gpu_memory)))
     return 0
 
 
@@ -147,6 +165,13 @@ def parser() -> argparse.ArgumentParser:
     params.add_argument("recipe")
     params.add_argument("overrides", nargs="*")
     params.set_defaults(run=_params)
+
+    plan = verbs.add_parser("plan", help="parameters, FLOPs per token and memory per GPU of a recipe's layout")
+    plan.add_argument("recipe")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("--gpus", type=int, default=8)
+    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (H100: 80)")
+    plan.set_defaults(run=_plan)
 
     config = verbs.add_parser("config", help="print a recipe with overrides applied, after validation")
     config.add_argument("recipe")

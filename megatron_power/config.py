@@ -31,10 +31,19 @@ class ModelConfig:
     num_query_groups: Optional[int] = None  # None: as many as heads (no GQA)
     ffn_hidden_size: int = 1024
     seq_length: int = 256
+    # None: the tokenizer's. Larger than the tokenizer's keeps a model's published shape (the
+    # paper's 49152) while it trains on a smaller tokenizer.
+    vocab_size: Optional[int] = None
     rotary_base: int = 10000
     tie_embeddings: bool = True
     norm_epsilon: float = 1e-6
     init_std: float = 0.02
+    # Mixture of experts as GraniteMoe defines it: top-k of the router logits, softmax over the
+    # chosen k, load-balancing aux loss, dropless, no biases. None: a dense model.
+    num_experts: Optional[int] = None
+    moe_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None  # per expert
+    moe_aux_loss_coeff: float = 0.01
 
 
 @dataclass
@@ -52,7 +61,19 @@ class MupConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallelism (MoE); experts are also split over TP
+    sequence_parallel: bool = False  # required with TP for MoE
     distributed_optimizer: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    """GPU settings (CPU runs in fp32 with the local spec and ignores fp8)."""
+
+    fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine layers only)
+    fp8_recipe: str = "tensorwise"  # tensorwise | delayed | blockwise | mxfp8
+    fp8_bf16_first_last: bool = True  # keep the first and last layer in bf16
+    recompute: str = "none"  # none | selective (attention scores) | full (each layer)
 
 
 @dataclass
@@ -120,6 +141,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mup: MupConfig = field(default_factory=MupConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -206,6 +228,17 @@ def _normalize_counts(node, source: str) -> None:
                 raise ConfigError(f"{source}: {dotted}: {e}") from None
 
 
+def _recipe_layers(recipe: str, seen=()) -> list:
+    """A recipe and the recipes it builds on (`base: name`), the most general first."""
+    path = recipe_path(recipe)
+    if path in seen:
+        raise ConfigError(f"recipe {path.name}: 'base' makes a cycle ({' -> '.join(p.stem for p in seen)})")
+    layer = OmegaConf.load(path)
+    base = layer.pop("base", None)
+    own = [(layer, f"recipe {path.name}")]
+    return (_recipe_layers(str(base), seen + (path,)) if base else []) + own
+
+
 def _parse_overrides(overrides: List[str]):
     for item in overrides:
         if "=" not in item or item.startswith("="):
@@ -220,8 +253,7 @@ def load_config(recipe: str, overrides: List[str] = (), world_size: Optional[int
     `check_paths=False` skips the data and checkpoint paths, for commands that only read the
     recipe (printing it, its schedule) on a machine without the data."""
     schema = OmegaConf.structured(Config)
-    path = recipe_path(recipe)
-    layers = [(OmegaConf.load(path), f"recipe {path.name}"), (_parse_overrides(overrides), "override")]
+    layers = _recipe_layers(recipe) + [(_parse_overrides(overrides), "override")]
     merged = schema
     for layer, source in layers:
         _normalize_counts(layer, source)
@@ -257,7 +289,7 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
 
     for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length"):
         need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
-    for name in ("tp", "pp"):
+    for name in ("tp", "pp", "ep"):
         need(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     for name in ("global_batch_size", "micro_batch_size", "log_interval", "eval_interval", "tokens"):
         need(getattr(t, name) > 0, f"train.{name} must be positive, got {getattr(t, name)}")
@@ -276,10 +308,26 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
          f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by parallel.tp ({p.tp})")
     need(m.num_layers % p.pp == 0, f"model.num_layers ({m.num_layers}) must be divisible by parallel.pp ({p.pp})")
 
+    if m.num_experts is None:
+        need(p.ep == 1, f"parallel.ep ({p.ep}) needs a MoE model (model.num_experts)")
+    else:
+        need(m.num_experts >= 1 and m.num_experts % p.ep == 0,
+             f"model.num_experts ({m.num_experts}) must be divisible by parallel.ep ({p.ep})")
+        need(1 <= m.moe_topk <= m.num_experts,
+             f"model.moe_topk ({m.moe_topk}) must be between 1 and model.num_experts ({m.num_experts})")
+        need(m.moe_ffn_hidden_size is not None and m.moe_ffn_hidden_size % p.tp == 0,
+             f"model.moe_ffn_hidden_size ({m.moe_ffn_hidden_size}) must be set and divisible by parallel.tp ({p.tp})")
+        need(p.tp == 1 or p.sequence_parallel,
+             "MoE with parallel.tp > 1 needs parallel.sequence_parallel=true (Megatron-Core requires it)")
+    need(not p.sequence_parallel or m.seq_length % p.tp == 0,
+         f"model.seq_length ({m.seq_length}) must be divisible by parallel.tp ({p.tp}) for sequence parallelism")
     model_parallel = p.tp * p.pp
     if world_size % model_parallel:
         errors.append(f"world size {world_size} must be a multiple of parallel.tp x parallel.pp "
                       f"({p.tp} x {p.pp} = {model_parallel})")
+    elif world_size % (model_parallel * p.ep):
+        errors.append(f"world size {world_size} must be a multiple of parallel.tp x parallel.ep x parallel.pp "
+                      f"({p.tp} x {p.ep} x {p.pp} = {model_parallel * p.ep})")
     else:
         dp = world_size // model_parallel
         need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
@@ -312,6 +360,12 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
         for name in ("base_width", "width_mult", "emb_mult", "residual_mult"):
             value = getattr(c.mup, name)
             need(value is None or value > 0, f"mup.{name} must be positive, got {value}")
+    pr = c.precision
+    need(pr.fp8 in (None, "hybrid", "e4m3"), f"precision.fp8 '{pr.fp8}' is unknown; expected null, hybrid or e4m3")
+    need(pr.fp8_recipe in ("tensorwise", "delayed", "blockwise", "mxfp8"),
+         f"precision.fp8_recipe '{pr.fp8_recipe}' is unknown; expected tensorwise, delayed, blockwise or mxfp8")
+    need(pr.recompute in ("none", "selective", "full"),
+         f"precision.recompute '{pr.recompute}' is unknown; expected none, selective or full")
     errors += scheduler.validate(c.schedule, t.tokens)
     if check_paths:
         errors += _validate_data(c.data)
@@ -352,6 +406,16 @@ def _validate_data(d: DataConfig) -> List[str]:
     if not Path(d.tokenizer).is_file():
         errors.append(f"data.tokenizer: {d.tokenizer} not found (expected a sentencepiece .model file)")
     return errors
+
+
+def model_vocab_size(c: Config, tokenizer_vocab: int) -> int:
+    """The model's vocabulary: the recipe's, which must hold the tokenizer's, or the tokenizer's."""
+    if c.model.vocab_size is None:
+        return tokenizer_vocab
+    if c.model.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size ({c.model.vocab_size}) is smaller than the tokenizer's "
+                          f"vocabulary ({tokenizer_vocab}, {c.data.tokenizer})")
+    return c.model.vocab_size
 
 
 def to_yaml(c: Config) -> str:

@@ -28,6 +28,8 @@ def install() -> None:
     _grad_clipping()
     _distributed_optimizer_param_types()
     _moe_split_sizes()
+    _moe_router_gemm()
+    _uneven_sequence_parallel_collectives()
     _installed = True
 
 
@@ -204,3 +206,44 @@ def _moe_split_sizes() -> None:
         return tensor
 
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _moe_router_gemm() -> None:
+    """moe_utils.RouterGatingLinearFunction tests `te_general_gemm is not None`, but the name is
+    only bound when Transformer Engine imported (moe_utils.py:1192); without TE it is None."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _uneven_sequence_parallel_collectives() -> None:
+    """With TP and experts, the token dispatcher gathers and reduce-scatters uneven token counts
+    across TP ranks (tensor_parallel/mappings.py:150, :193) with list collectives that NCCL
+    accepts and gloo refuses; on CPU they go through equal-size collectives instead."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        everything = input_.new_empty((longest * group.size(), *input_.shape[1:]))
+        dist.all_gather_into_tensor(everything, padded.contiguous(), group=group)
+        pieces = everything.split(longest)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, output_split_sizes)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        start = sum(input_split_sizes[: group.rank()])
+        return total[start: start + input_split_sizes[group.rank()]].contiguous()
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim

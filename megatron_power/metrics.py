@@ -24,8 +24,8 @@ def group_names(optimizer) -> list:
     for i, group in enumerate(optimizer.param_groups):
         parts = ["expert" if group.get("is_expert_parallel") else "dense"]
         parts.append("no_wd" if group.get("wd_mult", 1.0) == 0 else "wd")
-        if group.get("max_lr") != optimizer.param_groups[0].get("max_lr") or not group.get("default_config", True):
-            parts.append(f"lr{group['max_lr']:.3g}")
+        if group.get("lr_mult", 1.0) != 1.0:
+            parts.append(f"lr_x{group['lr_mult']:.3g}")
         names.append(f"{i}_" + "_".join(parts))
     return names
 

@@ -9,9 +9,11 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_power import mup
+from megatron_power.norm import RMSNorm
 
 VOCAB_PAD_MULTIPLE = 128  # as Megatron-LM's --make-vocab-size-divisible-by
 
@@ -43,7 +45,8 @@ def transformer_config(config) -> TransformerConfig:
         ffn_hidden_size=m.ffn_hidden_size,
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
-        sequence_parallel=False,
+        expert_model_parallel_size=p.ep,
+        sequence_parallel=p.sequence_parallel,
         normalization="RMSNorm",
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=True,
@@ -66,24 +69,69 @@ def transformer_config(config) -> TransformerConfig:
         persist_layer_norm=cuda,
         gradient_accumulation_fusion=False,
         transformer_impl="transformer_engine" if transformer_engine_available() else "local",
+        **moe_fields(config),
+        **precision_fields(config),
     )
 
 
-def layer_spec(tconfig: TransformerConfig, config):
+def precision_fields(config) -> dict:
+    pr = config.precision
+    fields = {}
+    if pr.recompute == "selective":
+        fields.update(recompute_granularity="selective")
+    elif pr.recompute == "full":
+        fields.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    # FP8 needs Transformer Engine's layers; elsewhere the recipe runs in bf16 / fp32.
+    if pr.fp8 and transformer_engine_available():
+        fields.update(fp8=pr.fp8, fp8_recipe=pr.fp8_recipe, first_last_layers_bf16=pr.fp8_bf16_first_last)
+    return fields
+
+
+def moe_fields(config) -> dict:
+    m = config.model
+    if m.num_experts is None:
+        return {}
+    return dict(
+        num_moe_experts=m.num_experts,
+        moe_router_topk=m.moe_topk,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_router_pre_softmax=False,  # top-k on logits, softmax over the chosen k (GraniteMoe)
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_token_dispatcher_type="alltoall" if config.parallel.ep > 1 else "allgather",
+        moe_grouped_gemm=transformer_engine_available(),
+    )
+
+
+def block_spec(tconfig: TransformerConfig, config) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers. The local spec gets our RMSNorm (Megatron's torch norm refuses
+    sequence parallelism); the TE spec keeps TE's fused norms."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    experts = config.model.num_experts
     if tconfig.transformer_impl == "transformer_engine":
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=tconfig.moe_grouped_gemm)
+        final_norm = TENorm
     else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    return mup.apply_to_layer_spec(spec, config)
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=experts, normalization="RMSNorm")
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
+        final_norm = RMSNorm
+    spec = mup.apply_to_layer_spec(spec, config)
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(tconfig),
+                                      layer_norm=final_norm)
 
 
-def build_model(config, vocab_size: int) -> GPTModel:
+def build_model(config, vocab_size: int, initialize: bool = True) -> GPTModel:
+    """This rank's GPTModel. `initialize=False` skips the weight draw (for the meta-device
+    planner, which only counts)."""
     tconfig = transformer_config(config)
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=layer_spec(tconfig, config),
+        transformer_layer_spec=block_spec(tconfig, config),
         vocab_size=padded_vocab_size(vocab_size, config.parallel.tp),
         max_sequence_length=config.model.seq_length,
         pre_process=ps.is_pipeline_first_stage(),
@@ -92,9 +140,10 @@ def build_model(config, vocab_size: int) -> GPTModel:
         position_embedding_type="rope",
         rotary_base=config.model.rotary_base,
     )
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    initialize_weights(model, config)
+    if initialize:
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        initialize_weights(model, config)
     mup.attach_multipliers(model, config)
     return model
 

@@ -112,8 +112,9 @@ def optimizer_overrides(config, optimizer_config) -> Dict:
     m_width = width_mult(config)
     if m_width != 1.0:
         hidden = ParamKey(predicate=ParamPredicate(name="mup_hidden_matrix", fn=_is_hidden_matrix))
-        overrides[hidden] = {"max_lr": config.schedule.lr_max / m_width,
-                             "min_lr": config.schedule.min_lr / m_width}
+        # As lr_mult (Megatron's own convention), not max_lr: Megatron tells groups apart on
+        # checkpoint load by (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr).
+        overrides[hidden] = {"lr_mult": 1.0 / m_width}
     return overrides
 
 

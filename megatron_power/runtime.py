@@ -50,6 +50,7 @@ def initialize(config) -> Runtime:
     ps.initialize_model_parallel(
         tensor_model_parallel_size=config.parallel.tp,
         pipeline_model_parallel_size=config.parallel.pp,
+        expert_model_parallel_size=config.parallel.ep,
     )
     seed = config.train.seed
     torch.manual_seed(seed)

@@ -94,8 +94,8 @@ def validate(s, budget: int) -> List[str]:
 class TokenScheduler:
     """Sets every parameter group of a Megatron optimizer from the schedule at a token count.
 
-    Each group keeps its own base (`max_lr`, which muP lowers for hidden matrices); the schedule's
-    shape multiplies it. Weight decay is applied as `weight_decay * wd_mult`, which is how Megatron's
+    Each group keeps its own base (`max_lr x lr_mult`; muP sets lr_mult = 1/m_width for hidden
+    matrices); the schedule's shape multiplies it. Weight decay is applied as `weight_decay * wd_mult`, which is how Megatron's
     groups switch it off for norms and biases.
     """
 
@@ -109,7 +109,7 @@ class TokenScheduler:
         lr = learning_rate(tokens, self.schedule, self.budget, batch_size)
         factor = lr / self.schedule.lr_max
         for group in self.optimizer.param_groups:
-            group["lr"] = factor * group["max_lr"]
+            group["lr"] = factor * group["max_lr"] * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
         return lr
 

@@ -19,7 +19,7 @@ from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_power import checkpoint, mup, runtime
-from megatron_power.config import Config, to_yaml
+from megatron_power.config import Config, model_vocab_size, to_yaml
 from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
 from megatron_power.metrics import MetricsLogger
 from megatron_power.model import build_model
@@ -176,7 +176,7 @@ def train(config: Config) -> TrainState:
     rt = runtime.initialize(config)
     stop = StopRequest()
     tokenizer = TokenizerInfo.from_sentencepiece(config.data.tokenizer)
-    model = wrap_model(config, build_model(config, tokenizer.vocab_size))
+    model = wrap_model(config, build_model(config, model_vocab_size(config, tokenizer.vocab_size)))
     optimizer = build_optimizer(config, model)
     t = config.train
     scheduler = TokenScheduler(optimizer, config.schedule, t.tokens, config.optim.weight_decay)

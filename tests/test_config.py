@@ -30,6 +30,11 @@ BAD = [
     (["name=a/b"], 1, "name 'a/b' must be letters"),
     (["model.num_query_groups=3"], 1, "model.num_attention_heads (4) must be divisible by model.num_query_groups (3)"),
     (["tokens"], 1, "override 'tokens' is not of the form key=value"),
+    (["parallel.ep=2"], 2, "parallel.ep (2) needs a MoE model"),
+    (["model.num_experts=4", "model.moe_ffn_hidden_size=64", "parallel.ep=3"], 3, "model.num_experts (4) must be divisible by parallel.ep (3)"),
+    (["model.num_experts=4", "model.moe_ffn_hidden_size=64", "parallel.tp=2"], 2, "MoE with parallel.tp > 1 needs parallel.sequence_parallel=true"),
+    (["model.num_experts=4", "model.moe_ffn_hidden_size=64", "model.moe_topk=5"], 1, "model.moe_topk (5) must be between 1 and model.num_experts (4)"),
+    (["mup.width_mult=2"], 1, "mup.enabled needs exactly one of mup.base_width and mup.width_mult"),
 ]
 
 

@@ -1,0 +1,131 @@
+"""Before launch: parameters, FLOPs per token and memory per GPU for a recipe's layout.
+
+Parameter counts come from the real GPTModel built on the meta device (no memory, no init), so
+they cannot drift from what trains. Memory follows Megatron's accounting: bf16 weights, fp32
+gradient buffers, fp32 master weights and Adam moments (sharded over data parallelism with the
+distributed optimizer), and activations per Korthikanti et al. 2022 (arXiv 2205.05198).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+GIB = 2**30
+
+
+@dataclass
+class ParamCounts:
+    total: int
+    embedding: int  # word embeddings (tied: also the output layer)
+    output: int  # an untied output layer; 0 when tied
+    expert: int  # all experts of all layers
+    dense_layers: int  # everything in the transformer layers that is not an expert
+
+    def active(self, config) -> int:
+        """Parameters a token passes through, embeddings excluded (the paper's "active")."""
+        m = config.model
+        experts = self.expert * m.moe_topk // m.num_experts if m.num_experts else 0
+        return self.dense_layers + experts
+
+
+def count_parameters(config, vocab_size: int) -> ParamCounts:
+    """Build the whole model (no parallelism) on the meta device and count its parameters."""
+    from megatron_power import runtime
+    from megatron_power.model import build_model
+
+    whole = replace(config, parallel=replace(config.parallel, tp=1, pp=1, ep=1, sequence_parallel=False))
+    runtime.initialize(whole)
+    with torch.device("meta"):
+        model = build_model(whole, vocab_size, initialize=False)
+    counts = {"embedding": 0, "output": 0, "expert": 0, "dense_layers": 0}
+    for name, p in model.named_parameters():
+        if name.startswith("embedding."):
+            counts["embedding"] += p.numel()
+        elif name.startswith("output_layer."):
+            counts["output"] += p.numel()
+        elif ".experts." in name:
+            counts["expert"] += p.numel()
+        else:
+            counts["dense_layers"] += p.numel()
+    runtime.shutdown()
+    return ParamCounts(total=sum(counts.values()), **counts)
+
+
+def flops_per_token(config, counts: ParamCounts) -> float:
+    """Training FLOPs per token: 6 x (active parameters + output layer) + attention's 12 x L x h x s."""
+    m = config.model
+    output = m.hidden_size * counts.embedding // m.hidden_size  # the logits matmul, tied or not
+    return 6.0 * (counts.active(config) + output) + 12.0 * m.num_layers * m.hidden_size * m.seq_length
+
+
+@dataclass
+class Memory:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    activations_no_recompute: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def memory_per_gpu(config, counts: ParamCounts, gpus: int) -> Memory:
+    """Bytes on the busiest GPU (the first pipeline stage, which holds the embedding)."""
+    m, p, t = config.model, config.parallel, config.train
+    dp = gpus // (p.tp * p.pp)
+    expert_dp = gpus // (p.tp * p.ep * p.pp)
+    dense = (counts.dense_layers / p.pp + counts.embedding) / p.tp
+    expert = counts.expert / (p.pp * p.ep * p.tp)
+    params = dense + expert
+    weights = params * 2  # bf16, as on the GPUs this plans for
+    gradients = params * 4  # Megatron reduces gradients in fp32
+    state = 12  # fp32 master weights, exp_avg, exp_avg_sq
+    if p.distributed_optimizer:
+        optimizer = state * (dense / dp + expert / expert_dp)
+    else:
+        optimizer = state * params
+    s, b, h, a = m.seq_length, t.micro_batch_size, m.hidden_size, m.num_attention_heads
+    layers = m.num_layers / p.pp
+    # In-flight micro-batches on the first stage under 1F1B: as many as there are stages.
+    in_flight = min(p.pp, t.global_batch_size // (b * dp))
+    sp = p.tp if p.sequence_parallel else 1
+    per_layer_full = s * b * h * (10 / sp + 24 / p.tp + 5 * a * s / (h * p.tp))
+    per_layer = {"none": per_layer_full,
+                 "selective": s * b * h * (10 / sp + 24 / p.tp),  # attention scores recomputed
+                 "full": 2 * s * b * h / sp}[config.precision.recompute]
+    if m.num_experts:
+        # The MLP's share (about 19 of the 34 s*b*h bytes) is held for each of a token's top-k
+        # experts, at the expert's width rather than the dense MLP's.
+        scale = (15 + 19 * m.moe_topk * m.moe_ffn_hidden_size / m.ffn_hidden_size) / 34
+        per_layer_full *= scale
+        if config.precision.recompute != "full":
+            per_layer *= scale
+    activations = per_layer * layers * in_flight
+    return Memory(weights, gradients, optimizer, activations, per_layer_full * layers * in_flight)
+
+
+def report(config, counts: ParamCounts, gpus: int, capacity_gib: float = 80.0) -> list:
+    mem = memory_per_gpu(config, counts, gpus)
+    p = config.parallel
+    fits = mem.total / GIB <= 0.9 * capacity_gib
+    lines = [
+        f"recipe {config.name}: {gpus} GPUs as TP {p.tp} x PP {p.pp} x EP {p.ep} x DP {gpus // (p.tp * p.pp)}",
+        f"parameters        {counts.total / 1e9:8.3f} B total, {counts.active(config) / 1e9:.3f} B active "
+        f"(embeddings excluded), {counts.embedding / 1e6:.1f} M embedding",
+        f"  exactly         {counts.total:,} total, {counts.active(config):,} active",
+        f"FLOPs per token   {flops_per_token(config, counts) / 1e9:8.2f} GFLOP (training)",
+        "memory per GPU (GiB):",
+        f"  weights         {mem.weights / GIB:8.2f}",
+        f"  gradients       {mem.gradients / GIB:8.2f}",
+        f"  optimizer       {mem.optimizer / GIB:8.2f}"
+        + ("  (sharded over data parallelism)" if p.distributed_optimizer else ""),
+        f"  activations     {mem.activations / GIB:8.2f}  with recompute={config.precision.recompute}; "
+        f"{mem.activations_no_recompute / GIB:.2f} without",
+        f"  total           {mem.total / GIB:8.2f} of {capacity_gib:.0f}: "
+        + ("fits (under 90%)" if fits else "DOES NOT FIT (over 90%)"),
+    ]
+    return lines

@@ -1,0 +1,52 @@
+"""The paper's recipes: their parameter counts against Table 4, and the planner against the real model."""
+
+import re
+import subprocess
+
+import pytest
+
+from conftest import BIN, ROOT
+
+# Paper Table 4: (total, active non-embedding) parameters.
+TABLE4 = {
+    "dense1b": (1.2e9, None),
+    "moe1b": (1.3e9, 377e6),
+    "dense3b": (3.5e9, None),
+    "moe3b": (3.3e9, 800e6),
+}
+
+
+def _plan(recipe, *overrides):
+    out = subprocess.run([str(BIN / "megatron-power"), "plan", recipe, *overrides], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    total, active = re.search(r"exactly\s+([\d,]+) total, ([\d,]+) active", out).groups()
+    return int(total.replace(",", "")), int(active.replace(",", "")), out
+
+
+@pytest.mark.parametrize("recipe", sorted(TABLE4))
+def test_parameter_counts_match_the_paper(recipe):
+    total, active, out = _plan(recipe)
+    expected_total, expected_active = TABLE4[recipe]
+    # Table 4 gives two significant digits: within 2%, or within its rounding (moe1b: 1.335B is "1.3B").
+    assert abs(total - expected_total) <= max(0.02 * expected_total, 0.05e9), total
+    if expected_active:
+        assert active == pytest.approx(expected_active, rel=0.02)
+    assert "fits" in out and "DOES NOT FIT" not in out  # each layout fits an 80 GB H100 with margin
+
+
+def test_planner_counts_the_model_that_trains(default_data):
+    """The planner's meta-device count equals the parameters of the model `train` builds."""
+    shrunk = ["model.num_layers=2", "model.hidden_size=128", "model.num_attention_heads=2",
+              "model.num_query_groups=1", "model.ffn_hidden_size=128", "model.seq_length=128",
+              "model.vocab_size=8192", "parallel.ep=1", "train.micro_batch_size=1",
+              "train.global_batch_size=8"]
+    total, _, _ = _plan("moe1b", *shrunk, "--gpus", "1")
+    listing = subprocess.run([str(BIN / "megatron-power"), "params", "moe1b", *shrunk], cwd=ROOT,
+                             check=True, capture_output=True, text=True).stdout.splitlines()[1:]
+    built = 0
+    for line in listing:
+        size = 1
+        for dim in line.split()[1].split("x"):
+            size *= int(dim)
+        built += size
+    assert total == built
