@@ -136,6 +136,17 @@ def _update(optimizer, clip_grad: float) -> float:
     return grad_norm
 
 
+def _track_router(config: Config, step: int, num_microbatches: int, writer) -> None:
+    """The load-balancing loss of each MoE layer to TensorBoard (Megatron's own tracker, reduced
+    over the pipeline; every rank takes part, the logging rank writes)."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, track_moe_metrics
+
+    track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=step, writer=writer,
+                      per_layer_logging=True, force_initialize=True,
+                      track_names=["load_balancing_loss"], num_layers=config.model.num_layers)
+    clear_aux_losses_tracker()
+
+
 def evaluate(config: Config, model, dataset, rt: runtime.Runtime) -> float:
     model.eval()
     t = config.train
@@ -227,6 +238,8 @@ def train(config: Config) -> TrainState:
                     f"(last at step {state.step}); stopping. The last good checkpoint is "
                     f"{checkpoint.latest(ckpt_dir) or 'none (no checkpoint was saved yet)'}")
         log.step(state.step, state.consumed_tokens, loss, lr, grad_norm, state.skipped_steps)
+        if config.model.num_experts:
+            _track_router(config, state.step, len(batches), log.writer)
 
         last = state.consumed_tokens + config.tokens_per_step > t.tokens
         if state.step % t.eval_interval == 0 or last:

@@ -14,8 +14,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 # A proxy small enough for 2 CPU cores; the same architecture as recipes/proxy.yaml.
+SEQ, BATCH = 128, 16
+TOKENS_PER_STEP = SEQ * BATCH
 SMALL = [
     "model.hidden_size=128", "model.ffn_hidden_size=384", "model.num_layers=4",
+    f"model.seq_length={SEQ}", f"train.global_batch_size={BATCH}", "train.micro_batch_size=8",
     "train.log_interval=5", "train.eval_interval=1000", "checkpoint.interval=1000",
 ]
 

@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from conftest import BIN, ROOT, SMALL, metrics, run_train
+from conftest import BIN, ROOT, SMALL, TOKENS_PER_STEP, metrics, run_train
 
 from megatron_power import checkpoint
 
-STEPS = 12
-OVERRIDES = SMALL + [f"train.tokens={STEPS * 32 * 256}", "train.eval_interval=6"]
+STEPS = 24
+OVERRIDES = SMALL + [f"train.tokens={STEPS * TOKENS_PER_STEP}", "train.eval_interval=6"]
 
 
 @pytest.mark.slow
@@ -48,7 +48,7 @@ def test_killed_run_resumes_to_identical_losses(default_data, tmp_path):
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_stop_the_run(default_data, tmp_path):
     # An absurd learning rate makes the weights overflow after the first update.
-    result = run_train(tmp_path, "diverge", SMALL + ["train.tokens=163840", "schedule.lr_max=1e30",
+    result = run_train(tmp_path, "diverge", SMALL + [f"train.tokens={20 * TOKENS_PER_STEP}", "schedule.lr_max=1e30",
                                                      "schedule.warmup=0", "checkpoint.interval=1",
                                                      "train.max_nonfinite_steps=3"], check=False)
     assert result.returncode == 3, result.stderr[-2000:]

@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from conftest import BIN, ROOT, SMALL, metrics, run_train
+from conftest import BATCH, BIN, ROOT, SEQ, SMALL, TOKENS_PER_STEP, run_train
 
 from megatron_power.config import load_config
 from megatron_power.scheduler import learning_rate
 
-TPS = 32 * 256  # tokens per step at the proxy's batch
+TPS = TOKENS_PER_STEP
 # A small `a` puts the Power law below its cap, so the lr depends on tokens and batch size.
 POWER = ["schedule.a=0.01", "schedule.lr_max=0.01", "schedule.warmup=0"]
 
@@ -39,11 +39,11 @@ def kill_after(cmd, log_dir, steps):
 
 @pytest.mark.slow
 def test_batch_size_change_at_resume_stays_on_the_token_schedule(default_data, tmp_path):
-    budget = 16 * TPS
+    budget = 32 * TPS
     overrides = SMALL + POWER + [f"train.tokens={budget}", "schedule.decay=0.25", "checkpoint.interval=2"]
     cmd = [str(BIN / "megatron-power"), "train", "proxy", f"out_dir={tmp_path}", "name=ramp", *overrides]
     kill_after(cmd, tmp_path / "ramp", 5)
-    run_train(tmp_path, "ramp", overrides + ["train.global_batch_size=64"])
+    run_train(tmp_path, "ramp", overrides + [f"train.global_batch_size={2 * BATCH}"])
 
     config = load_config("proxy", overrides, check_paths=False)
     seen = {}
@@ -55,7 +55,7 @@ def test_batch_size_change_at_resume_stays_on_the_token_schedule(default_data, t
     assert batches == {TPS, 2 * TPS}
     previous = 0
     for row in ordered:
-        batch = (row["tokens"] - previous) // 256
+        batch = (row["tokens"] - previous) // SEQ
         assert row["lr"] == pytest.approx(learning_rate(previous, config.schedule, budget, batch), rel=1e-12)
         previous = row["tokens"]
 
@@ -76,11 +76,11 @@ def test_stage_two_starts_at_stage_one_lr_and_decays_to_zero(default_data, tmp_p
 
     s1 = load_config("proxy", stage1, check_paths=False)
     s2 = load_config("proxy", stage2, check_paths=False)
-    reached = learning_rate(stage1_tokens, s1.schedule, stage1_tokens, 32)  # where stage 1 left off
+    reached = learning_rate(stage1_tokens, s1.schedule, stage1_tokens, BATCH)  # where stage 1 left off
     lrs = [r["lr"] for r in rows(tmp_path / "stage2")]
     assert rows(tmp_path / "stage2")[0]["tokens"] == stage1_tokens + TPS  # continues the token count
     assert lrs[0] == pytest.approx(reached, rel=1e-12)
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
-    assert learning_rate(stage1_tokens + stage2_tokens, s2.schedule, s2.train.tokens, 32) == 0.0
+    assert learning_rate(stage1_tokens + stage2_tokens, s2.schedule, s2.train.tokens, BATCH) == 0.0
     # The stage-1 run's checkpoints are read, never written.
     assert sorted(p.name for p in (tmp_path / "stage1" / "checkpoints").iterdir()) == ["iter_0000006", "latest"]
