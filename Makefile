@@ -7,6 +7,7 @@ VENV    ?= .venv
 RECIPE  ?= proxy
 NPROC   ?= 1
 ARGS    ?=
+SMOKE   ?=
 # The CPU build of torch; pass e.g. PIP_EXTRA="--index-url https://download.pytorch.org/whl/cpu"
 # where pip would otherwise pick a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
@@ -47,7 +48,7 @@ data: setup
 
 train: setup
 	$(MP) data
-	$(LAUNCH) train $(RECIPE) $(ARGS)
+	$(LAUNCH) train $(RECIPE) $(if $(SMOKE),--smoke) $(ARGS)
 
 # pytest exits 5 when it collects nothing: that is a broken setup, not a pass.
 test: setup-dev

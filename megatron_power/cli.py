@@ -10,7 +10,7 @@ import sys
 def _train(args) -> int:
     from megatron_power.config import load_config, world_size_from_env
 
-    config = load_config(args.recipe, args.overrides, world_size_from_env())
+    config = load_config(args.recipe, args.overrides, world_size_from_env(), smoke=args.smoke)
     from megatron_power.checkpoint import CheckpointError
     from megatron_power.train import NonFiniteError, train
 
@@ -137,6 +137,8 @@ def parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="train a recipe (under torchrun for several processes)")
     train.add_argument("recipe", help="recipe name in recipes/ or a YAML path")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.tokens=2e6 parallel.tp=2")
+    train.add_argument("--smoke", action="store_true",
+                       help="the recipe shrunk to CPU size, same structure and layout kinds (parallel sizes capped at 2)")
     train.set_defaults(run=_train)
 
     data = verbs.add_parser("data", help="build the default corpus, tokenizer and indexed datasets")

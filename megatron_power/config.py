@@ -247,11 +247,12 @@ def _parse_overrides(overrides: List[str]):
 
 
 def load_config(recipe: str, overrides: List[str] = (), world_size: Optional[int] = None,
-                check_paths: bool = True) -> Config:
+                check_paths: bool = True, smoke: bool = False) -> Config:
     """Load a recipe, apply dotted overrides, validate; raise ConfigError naming every problem.
 
     `check_paths=False` skips the data and checkpoint paths, for commands that only read the
-    recipe (printing it, its schedule) on a machine without the data."""
+    recipe (printing it, its schedule) on a machine without the data. `smoke=True` shrinks the
+    recipe to a CPU-sized model of the same structure (see `shrink`)."""
     schema = OmegaConf.structured(Config)
     layers = _recipe_layers(recipe) + [(_parse_overrides(overrides), "override")]
     merged = schema
@@ -265,10 +266,36 @@ def load_config(recipe: str, overrides: List[str] = (), world_size: Optional[int
             key = getattr(e, "full_key", "?")
             raise ConfigError(f"{source}: {key}: {e.msg.splitlines()[0]}") from None
     config: Config = OmegaConf.to_object(merged)
+    if smoke:
+        config = shrink(config)
     errors = validate(config, world_size, check_paths)
     if errors:
         raise ConfigError("\n".join(errors))
     return config
+
+
+def shrink(c: Config) -> Config:
+    """The same recipe at smoke-test size: 2 layers per pipeline stage, 64-wide heads keeping the
+    query-group ratio, at most 8 experts and top-2, 128-token sequences, 10 steps of 8 sequences
+    per data-parallel rank, and each parallel size capped at 2. muP, precision and schedule kinds
+    are kept, so the code paths are those of the full recipe; stage 2 becomes a stage-1 run."""
+    from dataclasses import replace
+
+    p = replace(c.parallel, tp=min(c.parallel.tp, 2), pp=min(c.parallel.pp, 2), ep=min(c.parallel.ep, 2))
+    heads, groups = c.model.num_attention_heads, c.model.num_query_groups or c.model.num_attention_heads
+    per_group = heads // groups
+    groups = max(p.tp, 2 if per_group == 1 else 1)
+    heads = groups * per_group
+    m = replace(c.model, num_layers=2 * p.pp, hidden_size=64 * heads, num_attention_heads=heads,
+                num_query_groups=groups, ffn_hidden_size=128 * p.tp, seq_length=128, vocab_size=None)
+    if c.model.num_experts:
+        m = replace(m, num_experts=max(2 * p.ep, min(c.model.num_experts, 8)),
+                    moe_topk=min(c.model.moe_topk, 2), moe_ffn_hidden_size=64 * p.tp)
+    t = replace(c.train, global_batch_size=16, micro_batch_size=4, tokens=10 * 16 * 128, stage=1,
+                log_interval=1, eval_interval=10, eval_batches=1)
+    return replace(c, name=f"{c.name}-smoke", model=m, parallel=p, train=t,
+                   checkpoint=replace(c.checkpoint, init_from=None, interval=10),
+                   data=DataConfig(), schedule=replace(c.schedule, warmup=0.1, decay=0.2))
 
 
 def world_size_from_env() -> int:

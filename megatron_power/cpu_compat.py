@@ -139,6 +139,10 @@ def _rng_tracker() -> None:
 
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Activation recomputation (CheckpointFunction) saves and restores the CPU state, the CUDA
+    # state and the tracker's; on CPU the first and last are the whole story.
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: None
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 def _grad_clipping() -> None:
