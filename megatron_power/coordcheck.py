@@ -15,13 +15,12 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_power import runtime
 from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
 from megatron_power.model import build_model
 from megatron_power.scheduler import TokenScheduler
-from megatron_power.train import build_optimizer, forward_step, wrap_model
+from megatron_power.train import build_optimizer, run_microbatches, wrap_model
 
 HEAD_DIM = 64
 
@@ -81,10 +80,7 @@ def run(config, widths: List[int], steps: int) -> List[dict]:
                                         t.micro_batch_size, rt.dp, rt.dp_rank)
                 model.zero_grad_buffer()
                 optimizer.zero_grad()
-                get_forward_backward_func()(
-                    forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
-                    num_microbatches=len(batches), seq_length=c.model.seq_length,
-                    micro_batch_size=t.micro_batch_size, forward_only=False)
+                run_microbatches(c, model, batches, forward_only=False)
                 optimizer.step()
                 for handle in handles:
                     handle.remove()

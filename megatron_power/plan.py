@@ -56,8 +56,8 @@ def count_parameters(config, vocab_size: int) -> ParamCounts:
 def flops_per_token(config, counts: ParamCounts) -> float:
     """Training FLOPs per token: 6 x (active parameters + output layer) + attention's 12 x L x h x s."""
     m = config.model
-    output = m.hidden_size * counts.embedding // m.hidden_size  # the logits matmul, tied or not
-    return 6.0 * (counts.active(config) + output) + 12.0 * m.num_layers * m.hidden_size * m.seq_length
+    # The logits matmul has the embedding's shape, tied or not.
+    return 6.0 * (counts.active(config) + counts.embedding) + 12.0 * m.num_layers * m.hidden_size * m.seq_length
 
 
 @dataclass

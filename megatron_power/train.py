@@ -98,6 +98,14 @@ def forward_step(data_iterator, model):
     return per_token_loss, partial(_masked_mean, batch["loss_mask"].to(device))
 
 
+def run_microbatches(config: Config, model, batches, forward_only: bool):
+    """One global batch through Megatron's schedule for this layout; the last stage gets the losses."""
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+        num_microbatches=len(batches), seq_length=config.model.seq_length,
+        micro_batch_size=config.train.micro_batch_size, forward_only=forward_only)
+
+
 def _masked_mean(loss_mask, per_token_loss):
     mask = loss_mask.view(-1).float()
     loss = torch.sum(per_token_loss.float().view(-1) * mask) / mask.sum()
@@ -155,11 +163,7 @@ def evaluate(config: Config, model, dataset, rt: runtime.Runtime) -> float:
         for k in range(t.eval_batches):
             batches = micro_batches(dataset, k * t.global_batch_size, t.global_batch_size,
                                     t.micro_batch_size, rt.dp, rt.dp_rank)
-            out = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
-                num_microbatches=len(batches), seq_length=config.model.seq_length,
-                micro_batch_size=t.micro_batch_size, forward_only=True)
-            losses.append(_global_mean_loss(out, rt)[0])
+            losses.append(_global_mean_loss(run_microbatches(config, model, batches, True), rt)[0])
     model.train()
     return sum(losses) / len(losses)
 
@@ -206,7 +210,6 @@ def train(config: Config) -> TrainState:
         checkpoint.save(ckpt_dir, state.step, model, optimizer,
                         {"train_state": asdict(state), "config": to_yaml(config)}, config.checkpoint.keep)
 
-    forward_backward = get_forward_backward_func()
     # The budget is in tokens, so a run resumed with another batch size ends where it should.
     while state.consumed_tokens + config.tokens_per_step <= t.tokens:
         lr = scheduler.step(state.consumed_tokens, t.global_batch_size)
@@ -214,10 +217,7 @@ def train(config: Config) -> TrainState:
                                 t.micro_batch_size, rt.dp, rt.dp_rank)
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        losses = forward_backward(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
-            num_microbatches=len(batches), seq_length=config.model.seq_length,
-            micro_batch_size=t.micro_batch_size, forward_only=False)
+        losses = run_microbatches(config, model, batches, forward_only=False)
         loss, stop_now = _global_mean_loss(losses, rt, stop.requested)
         grad_norm = _update(optimizer, t.clip_grad) if math.isfinite(loss) else math.nan
 
