@@ -21,7 +21,7 @@ else
 LAUNCH := $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m megatron_power.cli
 endif
 
-.PHONY: setup setup-dev data train test bench clean-venv
+.PHONY: setup setup-dev data train convert test bench clean-venv
 
 setup: $(VENV)/.installed-base
 setup-dev: $(VENV)/.installed-dev
@@ -49,6 +49,10 @@ data: setup
 train: setup
 	$(MP) data
 	$(LAUNCH) train $(RECIPE) $(if $(SMOKE),--smoke) $(ARGS)
+
+# make convert CKPT=runs/proxy/checkpoints OUT=hf/proxy [ARGS="--dtype fp32 --verify"]
+convert: setup-dev
+	$(MP) convert to-hf $(CKPT) $(OUT) $(ARGS)
 
 # pytest exits 5 when it collects nothing: that is a broken setup, not a pass.
 test: setup-dev

@@ -28,8 +28,15 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _core(model):
+    """The GPTModel inside Megatron's DDP (and Float16Module) wrappers, or the model itself."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _sharded_state_dict(model, optimizer, state: Optional[dict], is_loading: bool) -> dict:
-    model_sd = model.module.sharded_state_dict(prefix="")
+    model_sd = _core(model).sharded_state_dict(prefix="")
     sharded = {"model": model_sd}
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(
@@ -95,10 +102,20 @@ def resolve(path: Path) -> Path:
 
 
 def load(path: Path, model, optimizer) -> dict:
-    """Load model and optimizer state in place; return the saved training state."""
+    """Load model (and, unless `optimizer` is None, optimizer) state in place; return the saved
+    state (training progress and config)."""
     sharded = _sharded_state_dict(model, optimizer, None, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path))
-    model.module.load_state_dict(loaded["model"])
+    _core(model).load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     return loaded["state"]
+
+
+def saved_state(path: Path) -> dict:
+    """The state saved beside the tensors (training progress, config), read without loading them."""
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    state = common.get("state") if isinstance(common, dict) else None
+    if not isinstance(state, dict) or "config" not in state:
+        raise CheckpointError(f"{path} is not a megatron-power checkpoint (its common state holds no config)")
+    return state

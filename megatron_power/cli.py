@@ -130,6 +130,31 @@ def _config(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from pathlib import Path
+
+    # Conversion reads and writes on the CPU in fp32 wherever it runs (a GPU would build a bf16
+    # model, and --verify compares in fp32).
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from megatron_power.convert.granite import ConversionError
+
+    try:
+        if args.direction == "to-hf":
+            from megatron_power.convert import to_hf
+
+            to_hf.convert(Path(args.ckpt), Path(args.out), args.dtype, args.verify, args.overwrite,
+                          Path(args.tokenizer) if args.tokenizer else None, int(args.max_shard_gb * 2**30))
+        else:
+            from megatron_power.convert import from_hf
+
+            from_hf.convert(Path(args.hf_dir), Path(args.out), args.recipe, args.overwrite)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-power", description=__doc__)
     verbs = p.add_subparsers(dest="verb", required=True)
@@ -174,6 +199,25 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus", type=int, default=8)
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (H100: 80)")
     plan.set_defaults(run=_plan)
+
+    convert = verbs.add_parser("convert", help="checkpoints to and from Hugging Face (Granite, GraniteMoe)")
+    direction = convert.add_subparsers(dest="direction", required=True)
+    to_hf = direction.add_parser("to-hf", help="a checkpoint of any layout -> a Hugging Face directory")
+    to_hf.add_argument("ckpt", help="a run's checkpoints directory (its latest) or one iter_* checkpoint")
+    to_hf.add_argument("out", help="the Hugging Face directory to write (must not exist or be empty)")
+    to_hf.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    to_hf.add_argument("--verify", action="store_true",
+                       help="compare the logits of both models on the same tokens; fail over 1e-4 relative")
+    to_hf.add_argument("--tokenizer", help="the run's sentencepiece model, if not where its config says")
+    to_hf.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors file, GiB")
+    to_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    to_hf.set_defaults(run=_convert)
+    from_hf = direction.add_parser("from-hf", help="Granite / GraniteMoe weights -> a checkpoint to train from")
+    from_hf.add_argument("hf_dir", help="a Hugging Face model directory (config.json, safetensors)")
+    from_hf.add_argument("out", help="the checkpoints directory to write; train with checkpoint.init_from=OUT")
+    from_hf.add_argument("--recipe", help="the recipe that will train it; must have the weights' shape")
+    from_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    from_hf.set_defaults(run=_convert)
 
     config = verbs.add_parser("config", help="print a recipe with overrides applied, after validation")
     config.add_argument("recipe")

@@ -129,8 +129,10 @@ class CheckpointConfig:
     interval: int = 200  # steps; the last step always saves
     keep: int = 2  # complete checkpoints kept on disk (the newest ones)
     dir: Optional[str] = None  # default: <run dir>/checkpoints
-    # Stage 2 starts from this earlier run's checkpoint (its checkpoints directory, whose "latest"
-    # is used, or one iter_* directory); model, optimizer and tokens seen carry over.
+    # A checkpoint to start from (a checkpoints directory, whose "latest" is used, or one iter_*
+    # directory). Stage 2: a stage-1 run's; model, optimizer and tokens seen carry over.
+    # Stage 1: any checkpoint of the same model, e.g. one imported by `convert from-hf`; only
+    # the weights carry over. A run with checkpoints of its own resumes from those instead.
     init_from: Optional[str] = None
 
 
@@ -447,3 +449,36 @@ def model_vocab_size(c: Config, tokenizer_vocab: int) -> int:
 
 def to_yaml(c: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(c))
+
+
+def from_yaml(text: str) -> Config:
+    """A config saved by `to_yaml` (in a checkpoint), without validation of its paths."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
+
+
+# What a model's weights and its function depend on (not seq_length, init, aux-loss weight).
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                "tie_embeddings", "rotary_base", "norm_epsilon", "num_experts", "moe_topk", "moe_ffn_hidden_size")
+
+
+def model_differences(expected: Config, found: Config) -> List[str]:
+    """'field: expected X, found Y' for every shape field or muP multiplier in which two configs'
+    models differ; empty when the same weights compute the same function in both."""
+    from megatron_power import mup
+
+    def shape(c: Config) -> dict:
+        m = c.model
+        values = {f"model.{f}": getattr(m, f) for f in SHAPE_FIELDS}
+        values["model.num_query_groups"] = m.num_query_groups or m.num_attention_heads
+        if m.num_experts:
+            del values["model.ffn_hidden_size"]  # unused by MoE layers
+        else:
+            for f in ("moe_topk", "moe_ffn_hidden_size"):
+                del values[f"model.{f}"]
+        values.update({"muP width multiplier": mup.width_mult(c), "muP embedding multiplier": mup.emb_mult(c),
+                       "muP residual multiplier": mup.residual_mult(c), "attention scale": mup.softmax_scale(c)})
+        return values
+
+    a, b = shape(expected), shape(found)
+    return [f"{k}: expected {a[k]}, found {b.get(k)}" for k in a if a[k] != b.get(k) and not
+            (isinstance(a[k], float) and isinstance(b.get(k), float) and abs(a[k] - b[k]) <= 1e-9 * abs(a[k]))]

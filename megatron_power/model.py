@@ -119,6 +119,10 @@ def block_spec(tconfig: TransformerConfig, config) -> TransformerBlockSubmodules
         spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=experts, normalization="RMSNorm")
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
+        if experts:
+            # The TE spec's MoE layers save their own pre-MLP norm key; the same keys here let a
+            # checkpoint move between CPU and GPU (and keep conversion to one table).
+            spec.submodules.sharded_state_dict_keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
         final_norm = RMSNorm
     spec = mup.apply_to_layer_spec(spec, config)
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(tconfig),
@@ -148,8 +152,10 @@ def build_model(config, vocab_size: int, initialize: bool = True) -> GPTModel:
     return model
 
 
-def _sharded_tensors(sharded_state_dict):
-    for value in sharded_state_dict.values():
+def sharded_tensors(model: GPTModel):
+    """This rank's parameters as dist_checkpointing ShardedTensors (global key, shape, offset;
+    `data` is a view of the parameter)."""
+    for value in model.sharded_state_dict(prefix="").values():
         if isinstance(value, ShardedTensorFactory):
             built = value.build()
             yield from built if isinstance(built, list) else built.values()
@@ -157,25 +163,31 @@ def _sharded_tensors(sharded_state_dict):
             yield value
 
 
+def local_part(sh: ShardedTensor, full: torch.Tensor, skip_axes: int = 0) -> torch.Tensor:
+    """This rank's part of the global tensor `full`, or of the slice of it at `sh`'s index along
+    the first `skip_axes` axes (one layer; one layer's expert)."""
+    offsets = sh.global_offset[skip_axes:]
+    extents = ((1,) * sh.prepend_axis_num + tuple(sh.local_shape))[skip_axes:]  # prepended axes: extent 1
+    return full[tuple(slice(o, o + n) for o, n in zip(offsets, extents))].reshape(sh.data.shape)
+
+
 @torch.no_grad()
 def initialize_weights(model: GPTModel, config) -> None:
-    """Fill every parameter from a generator seeded by its global checkpoint key.
+    """Fill every parameter from a generator seeded by its global checkpoint key and its layer
+    (and expert) index.
 
-    Each rank draws the whole global tensor and keeps its own shard, so TP, PP and DP layouts
-    start from the same model and their losses can be compared step by step.
+    Each rank draws the whole of its layer's (expert's) tensor and keeps its own shard, so TP,
+    PP, EP and DP layouts start from the same model and their losses can be compared step by
+    step. Drawing per layer and expert, not per stacked key, keeps the cost at one model's worth.
     """
     seed = config.train.seed
-    for sh in _sharded_tensors(model.sharded_state_dict(prefix="")):
+    for sh in sharded_tensors(model):
         std = mup.init_std(sh.key, config)
         if std == 0.0:
             sh.data.fill_(1.0)
             continue
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(sh.key.encode()))
-        full = torch.randn(sh.global_shape, generator=generator, dtype=torch.float32) * std
-        local = full[tuple(slice(o, o + n) for o, n in zip(sh.global_offset, _global_local_shape(sh)))]
-        sh.data.copy_(local.reshape(sh.data.shape))
-
-
-def _global_local_shape(sh: ShardedTensor):
-    """The local shard's extent along every global axis (prepended axes have extent 1)."""
-    return (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+        whole = sh.prepend_axis_num  # layer and expert axes, never split within an index
+        index = ".".join(map(str, sh.global_offset[:whole]))
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{sh.key}@{index}".encode()))
+        full = torch.randn(sh.global_shape[whole:], generator=generator, dtype=torch.float32) * std
+        sh.data.copy_(local_part(sh, full, skip_axes=whole))

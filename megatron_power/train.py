@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import signal
-import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -19,7 +18,7 @@ from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_power import checkpoint, mup, runtime
-from megatron_power.config import Config, model_vocab_size, to_yaml
+from megatron_power.config import Config, from_yaml, model_differences, model_vocab_size, to_yaml
 from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
 from megatron_power.metrics import MetricsLogger
 from megatron_power.model import build_model
@@ -168,37 +167,59 @@ def evaluate(config: Config, model, dataset, rt: runtime.Runtime) -> float:
     return sum(losses) / len(losses)
 
 
-def _restore(config: Config, model, optimizer):
-    """Resume this run from its latest checkpoint; else start stage 2 from stage 1's; else fresh."""
+def _restore(config: Config, model, optimizer, vocab_size: int):
+    """Resume this run from its latest checkpoint; else start from checkpoint.init_from (stage 2:
+    a stage-1 run, with its optimizer and tokens seen; stage 1: weights only); else fresh."""
     own = checkpoint.latest(config.checkpoint_dir)
     if own is not None:
         state = TrainState(**checkpoint.load(own, model, optimizer)["train_state"])
         return state, f"resumed from {own} at step {state.step} ({state.consumed_tokens:,} tokens)"
-    if config.train.stage == 2:
-        source = checkpoint.resolve(Path(config.checkpoint.init_from))
-        state = TrainState(**checkpoint.load(source, model, optimizer)["train_state"])
-        state.consumed_samples = 0  # stage 2 reads its own blend from the beginning
-        decay_start = config.train.tokens - phase_tokens(config.schedule.decay, config.train.tokens)
-        note = ("" if decay_start == state.consumed_tokens else
-                f"; note: its decay starts at {decay_start:,} tokens, not where stage 1 ended")
-        return state, (f"stage 2 from {source}: {state.consumed_tokens:,} tokens seen in stage 1, "
-                       f"{config.train.tokens - state.consumed_tokens:,} to go{note}")
-    steps = config.train.tokens // config.tokens_per_step
-    return TrainState(), f"starting {config.name}: {steps} steps of {config.tokens_per_step:,} tokens"
+    if config.checkpoint.init_from is None:
+        steps = config.train.tokens // config.tokens_per_step
+        return TrainState(), f"starting {config.name}: {steps} steps of {config.tokens_per_step:,} tokens"
+    source = checkpoint.resolve(Path(config.checkpoint.init_from))
+    saved = checkpoint.saved_state(source)
+    _check_same_model(source, from_yaml(saved["config"]), config, vocab_size)
+    if config.train.stage == 1:
+        checkpoint.load(source, model, None)
+        optimizer.reload_model_params()  # the optimizer's main copies of the weights
+        return TrainState(), f"starting {config.name} from the weights of {source}"
+    if "train_state" not in saved:
+        raise checkpoint.CheckpointError(
+            f"{source} holds weights only (no training progress); stage 2 needs a stage-1 training "
+            f"checkpoint (use train.stage=1 to start from these weights)")
+    state = TrainState(**checkpoint.load(source, model, optimizer)["train_state"])
+    state.consumed_samples = 0  # stage 2 reads its own blend from the beginning
+    decay_start = config.train.tokens - phase_tokens(config.schedule.decay, config.train.tokens)
+    note = ("" if decay_start == state.consumed_tokens else
+            f"; note: its decay starts at {decay_start:,} tokens, not where stage 1 ended")
+    return state, (f"stage 2 from {source}: {state.consumed_tokens:,} tokens seen in stage 1, "
+                   f"{config.train.tokens - state.consumed_tokens:,} to go{note}")
+
+
+def _check_same_model(source: Path, saved: Config, config: Config, vocab_size: int) -> None:
+    saved_vocab = saved.model.vocab_size
+    problems = model_differences(config, saved)
+    if saved_vocab is not None and saved_vocab != vocab_size:
+        problems.append(f"vocabulary: expected {vocab_size}, found {saved_vocab}")
+    if problems:
+        raise checkpoint.CheckpointError(
+            f"checkpoint.init_from {source} holds a different model than this recipe: " + "; ".join(problems))
 
 
 def train(config: Config) -> TrainState:
     rt = runtime.initialize(config)
     stop = StopRequest()
     tokenizer = TokenizerInfo.from_sentencepiece(config.data.tokenizer)
-    model = wrap_model(config, build_model(config, model_vocab_size(config, tokenizer.vocab_size)))
+    vocab_size = model_vocab_size(config, tokenizer.vocab_size)
+    model = wrap_model(config, build_model(config, vocab_size))
     optimizer = build_optimizer(config, model)
     t = config.train
     scheduler = TokenScheduler(optimizer, config.schedule, t.tokens, config.optim.weight_decay)
     train_data, valid_data = build_datasets(config, tokenizer)
 
     ckpt_dir = config.checkpoint_dir
-    state, message = _restore(config, model, optimizer)
+    state, message = _restore(config, model, optimizer, vocab_size)
     final_step = state.step + (t.tokens - state.consumed_tokens) // config.tokens_per_step
     log = MetricsLogger(config, rt, optimizer, start_step=state.step, final_step=final_step)
     log.info(message)

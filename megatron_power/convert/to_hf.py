@@ -1,0 +1,219 @@
+"""`convert to-hf`: a checkpoint saved under any TP / PP / EP layout -> a Hugging Face directory.
+
+Tensors are read one checkpoint key at a time (dist_checkpointing reassembles the shards of
+every layout into the global tensor) and written into safetensors shards as they come, so
+memory holds one key's tensor plus one shard, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+from tqdm import tqdm
+
+from megatron_power import checkpoint
+from megatron_power.config import Config, ParallelConfig, PrecisionConfig, from_yaml
+from megatron_power.convert import granite
+from megatron_power.convert.granite import ConversionError
+from megatron_power.convert.output import check_writable, staged
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Largest relative logit difference `--verify` accepts. Both models hold the same (rounded)
+# weights and compute in fp32, so only summation order differs (seen: about 1e-6).
+VERIFY_TOLERANCE = 1e-4
+# Files of an imported model that its weights do not cover; `from-hf` keeps them here, beside
+# the checkpoints, and `to-hf` carries them back.
+HF_FILES_DIR = "hf"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+@dataclass
+class Source:
+    path: Path  # the iter_* checkpoint directory
+    config: Config
+    vocab_size: int
+    hf_files: Optional[Path]  # an imported model's tokenizer and other files
+    tokenizer: Optional[Path]  # else: the sentencepiece model of the run
+
+
+def open_checkpoint(ckpt: Path, tokenizer: Optional[Path] = None) -> Source:
+    """The checkpoint, its config and its tokenizer; every problem raised before any work."""
+    try:
+        path = checkpoint.resolve(ckpt)
+        config = from_yaml(checkpoint.saved_state(path)["config"])
+    except checkpoint.CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    hf_files = path.parent / HF_FILES_DIR
+    if tokenizer is None and hf_files.is_dir():
+        vocab = config.model.vocab_size
+        return Source(path, config, vocab, hf_files, None)
+    tokenizer = Path(tokenizer or config.data.tokenizer)
+    if not tokenizer.is_file():
+        raise ConversionError(f"tokenizer {tokenizer} (named by the checkpoint's config) does not exist "
+                              f"(pass --tokenizer PATH, the sentencepiece model the run trained with)")
+    import sentencepiece as spm
+
+    vocab = config.model.vocab_size or spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
+    return Source(path, config, vocab, None, tokenizer)
+
+
+def single_process(config: Config) -> Config:
+    """The same model, one process, no recompute: how conversion builds and reads it."""
+    return replace(config, parallel=ParallelConfig(), precision=PrecisionConfig())
+
+
+def megatron_tensors(source: Source) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) for every tensor of the model, one checkpoint key at a time."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    m = source.config.model
+    metadata = dist_checkpointing.load_tensors_metadata(str(source.path))
+    entries = granite.table(m)
+    missing = [e.megatron for e in entries if e.megatron not in metadata]
+    if missing:
+        raise ConversionError(f"{source.path} lacks {', '.join(missing)} (expected the tensors of a "
+                              f"{'MoE' if m.num_experts else 'dense'} GPT model as its config describes)")
+    for entry in entries:
+        meta = metadata[entry.megatron]
+        if entry.per_layer and meta.global_shape[0] != m.num_layers:
+            raise ConversionError(f"{entry.megatron} holds {meta.global_shape[0]} layers; the config says "
+                                  f"{m.num_layers}")
+        request = ShardedTensor.from_rank_offsets(
+            entry.megatron, torch.empty(meta.global_shape, dtype=meta.dtype), replica_id=0)
+        full = dist_checkpointing.load({"t": request}, str(source.path))["t"]
+        for layer in range(m.num_layers) if entry.per_layer else [None]:
+            tensor = full if layer is None else full[layer]
+            yield from zip(granite.hf_names(entry, layer), granite.to_hf(entry, tensor, m, source.vocab_size))
+        del full
+
+
+class SafetensorsShards:
+    """Tensors written into safetensors files of at most `max_bytes` each, plus the index."""
+
+    def __init__(self, out: Path, dtype: torch.dtype, max_bytes: int):
+        self.out, self.dtype, self.max_bytes = out, dtype, max_bytes
+        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list = []  # one name list per written shard
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        copy = torch.empty(tensor.shape, dtype=self.dtype)
+        copy.copy_(tensor)  # a contiguous copy of its own: the source may be a view of a whole key
+        self.pending[name] = copy
+        self.pending_bytes += copy.numel() * copy.element_size()
+        if self.pending_bytes >= self.max_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        save_file(self.pending, str(self.out / f"part-{len(self.files):05d}.safetensors"), metadata={"format": "pt"})
+        self.files.append(list(self.pending))
+        self.total_bytes += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        self._flush()
+        weight_map = {}
+        for k, names in enumerate(self.files):
+            final = f"model-{k + 1:05d}-of-{len(self.files):05d}.safetensors"
+            (self.out / f"part-{k:05d}.safetensors").rename(self.out / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def special_token_ids(source: Source) -> dict:
+    if source.hf_files is not None:
+        saved = json.loads((source.hf_files / "config.json").read_text())
+        return {k: saved.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(source.tokenizer))
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    return {k: (v if v >= 0 else None) for k, v in ids.items()}
+
+
+def write_side_files(source: Source, out: Path, dtype: torch.dtype) -> None:
+    """config.json, generation_config.json and the tokenizer."""
+    from transformers import GenerationConfig
+
+    ids = special_token_ids(source)
+    hf = granite.hf_config(source.config, source.vocab_size, **ids)
+    hf.architectures = ["GraniteMoeForCausalLM" if source.config.model.num_experts else "GraniteForCausalLM"]
+    hf.dtype = dtype
+    hf.save_pretrained(str(out))
+    if source.hf_files is not None:
+        for f in source.hf_files.iterdir():
+            if f.is_file() and f.name != "config.json" and not f.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy(f, out / f.name)
+    else:
+        from tokenizer import hf as hf_tokenizer
+
+        hf_tokenizer.save_pretrained(source.tokenizer, out)
+    if not (out / "generation_config.json").exists():
+        GenerationConfig(**{k: v for k, v in ids.items() if v is not None}).save_pretrained(str(out))
+
+
+@torch.no_grad()
+def logit_difference(source: Source, hf_dir: Path, dtype: torch.dtype, seq_len: int = 64) -> float:
+    """The Megatron model (built here, weights loaded from the checkpoint, rounded to `dtype`)
+    against the written directory loaded by `AutoModelForCausalLM`, in fp32 on the same tokens:
+    the largest logit difference relative to the largest logit."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_power.model import build_model
+
+    model = build_model(single_process(source.config), source.vocab_size, initialize=False).eval()
+    checkpoint.load(source.path, model, None)
+    for param in model.parameters():
+        param.copy_(param.to(dtype).float())
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    seq_len = min(seq_len, source.config.model.seq_length)
+    tokens = torch.randint(0, source.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(0))
+    ours = model(tokens, torch.arange(seq_len).expand(2, -1), None)[..., :source.vocab_size]
+    theirs = hf(input_ids=tokens).logits
+    return float((ours - theirs).abs().max() / theirs.abs().max())
+
+
+def convert(ckpt: Path, out: Path, dtype: str = "bf16", verify: bool = False, overwrite: bool = False,
+            tokenizer: Optional[Path] = None, max_shard_bytes: int = 2 * 2**30) -> Optional[float]:
+    """Write the Hugging Face directory `out`; return the verified logit difference (if asked)."""
+    from megatron_power import runtime
+
+    source = open_checkpoint(ckpt, tokenizer)
+    check_writable(out, overwrite)
+    torch_dtype = DTYPES[dtype]
+    runtime.initialize(single_process(source.config))
+    try:
+        with staged(out, overwrite) as staging:
+            shards = SafetensorsShards(staging, torch_dtype, max_shard_bytes)
+            count = sum(len(e.hf) * (source.config.model.num_layers if e.per_layer else 1)
+                        for e in granite.table(source.config.model))
+            with tqdm(total=count, unit="tensor", desc=f"writing {out.name}") as progress:
+                for name, tensor in megatron_tensors(source):
+                    shards.add(name, tensor)
+                    progress.set_postfix_str(name, refresh=False)
+                    progress.update()
+            shards.finish()
+            write_side_files(source, staging, torch_dtype)
+            difference = None
+            if verify:
+                difference = logit_difference(source, staging, torch_dtype)
+                print(f"verify: largest logit difference {difference:.2e} of the largest logit "
+                      f"(tolerance {VERIFY_TOLERANCE:.0e})")
+                if not difference <= VERIFY_TOLERANCE:
+                    raise ConversionError(f"verification failed: the converted model's logits differ by "
+                                          f"{difference:.2e} (relative), over {VERIFY_TOLERANCE:.0e}; nothing written")
+    finally:
+        runtime.shutdown()
+    return difference

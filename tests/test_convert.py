@@ -1,0 +1,181 @@
+"""Conversion to and from Hugging Face: checkpoints trained under TP=2, PP=2 and EP=2 become
+Granite / GraniteMoe directories that transformers loads and whose logits equal Megatron's; the
+way back is bit for bit; training continues from an imported model in another layout."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from conftest import BIN, ROOT, metrics, run_train
+
+from megatron_power import cli
+
+STEPS = 6
+SHAPE = ["model.hidden_size=128", "model.ffn_hidden_size=384", "model.num_layers=2", "model.seq_length=128",
+         "train.global_batch_size=16", "train.micro_batch_size=8", f"train.tokens={STEPS * 16 * 128}",
+         "train.eval_interval=1000", "train.log_interval=1", "checkpoint.interval=1000"]
+LAYOUTS = {
+    # muP, tied embeddings, grouped-query attention
+    "tp2-dense": (2, ["parallel.tp=2", "model.num_query_groups=2"]),
+    # standard parametrization, untied embeddings
+    "pp2-dense-sp-untied": (2, ["parallel.pp=2", "mup.enabled=false", "model.tie_embeddings=false"]),
+    # GraniteMoe: muP given as a width multiplier, grouped-query attention
+    "ep2-moe": (2, ["parallel.ep=2", "model.num_experts=4", "model.moe_topk=2", "model.moe_ffn_hidden_size=128",
+                    "model.num_query_groups=2", "mup.base_width=null", "mup.width_mult=2"]),
+}
+DTYPES = {"tp2-dense": "fp32", "pp2-dense-sp-untied": "fp32", "ep2-moe": "bf16"}
+
+
+def convert(*args, check=True):
+    result = subprocess.run([str(BIN / "megatron-power"), "convert", *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"convert {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(default_data, tmp_path_factory):
+    """name -> (run directory, its overrides), each trained a few steps in its layout."""
+    out = tmp_path_factory.mktemp("convert")
+    runs = {}
+    for name, (nproc, layout) in LAYOUTS.items():
+        run_train(out, name, SHAPE + layout, nproc=nproc)
+        runs[name] = (out / name, SHAPE + layout)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """name -> Hugging Face directory and the verified logit difference (--verify rounds the
+    Megatron weights to the written dtype, so bf16 is held to the same tolerance)."""
+    out = tmp_path_factory.mktemp("hf")
+    result = {}
+    for name, (run_dir, _) in trained.items():
+        stdout = convert("to-hf", run_dir / "checkpoints", out / name, "--dtype", DTYPES[name], "--verify").stdout
+        difference = float(stdout.split("largest logit difference")[1].split()[0])
+        result[name] = (out / name, difference)
+    return result
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_exported_model_loads_and_matches_megatron(exported, name):
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, difference = exported[name]
+    assert difference < 1e-4  # relative to the largest logit; seen: about 3e-7
+    model, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    model.eval()
+    assert type(model).__name__ == ("GraniteMoeForCausalLM" if "moe" in name else "GraniteForCausalLM")
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    generated = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert generated.shape == (1, 10) and torch.equal(generated[:, :4], prompt)
+
+
+def test_exported_tokenizer_encodes_as_sentencepiece(exported, default_data):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(default_data / "tokenizer.model"))
+    tokenizer = AutoTokenizer.from_pretrained(exported["tp2-dense"][0])
+    shakespeare = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text()
+    texts = [shakespeare[i:i + 400] for i in range(0, 200_000, 2_000)]
+    texts += [" leading space", "  two\n\n\tindented  code: x = 12345  ", "ü 漢字 😀", "", "   "]
+    for text in texts:
+        assert tokenizer.encode(text, add_special_tokens=False) == sp.encode(text), repr(text)
+        assert tokenizer.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (sp.eos_id(), sp.pad_id())
+
+
+@pytest.fixture(scope="module")
+def imported(exported, tmp_path_factory):
+    """name -> the exported Hugging Face directory imported back into a checkpoint."""
+    out = tmp_path_factory.mktemp("imported")
+    for name in ("tp2-dense", "ep2-moe"):
+        convert("from-hf", exported[name][0], out / name)
+    return {name: out / name for name in ("tp2-dense", "ep2-moe")}
+
+
+@pytest.mark.parametrize("name", ["tp2-dense", "ep2-moe"])
+def test_hf_megatron_hf_is_bit_exact(exported, imported, tmp_path, name):
+    from safetensors.torch import load_file
+
+    first, second = exported[name][0], tmp_path / "second"
+    convert("to-hf", imported[name], second, "--dtype", DTYPES[name])
+    a = {k: v for f in first.glob("*.safetensors") for k, v in load_file(f).items()}
+    b = {k: v for f in second.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
+    assert json.loads((first / "config.json").read_text()) == json.loads((second / "config.json").read_text())
+
+
+def test_training_continues_from_imported_model_in_another_layout(trained, imported, tmp_path):
+    """Weights from a TP=2 run, through Hugging Face, into a PP=2 run: its first loss is the
+    trained model's, not a fresh model's."""
+    run_dir, overrides = trained["tp2-dense"]
+    layout = [o for o in overrides if not o.startswith("parallel.")]
+    layout += ["parallel.pp=2", f"checkpoint.init_from={imported['tp2-dense']}"]
+    result = run_train(tmp_path, "continued", layout + [f"train.tokens={2 * 16 * 128}"], nproc=2)
+    assert "from the weights of" in result.stdout + result.stderr
+    source = metrics(run_dir)[0]
+    continued = metrics(tmp_path / "continued")[0]
+    assert source[1] > source[STEPS] + 0.5  # the source run learned something
+    assert continued[1] < source[1] - 0.5  # and the continued run starts from what it learned
+
+
+def _main(capsys, *args):
+    code = cli.main(["convert", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def test_bad_inputs_fail_with_one_line_and_write_nothing(exported, tmp_path, capsys):
+    hf_dir = exported["tp2-dense"][0]
+    out = tmp_path / "out"
+
+    code, err = _main(capsys, "to-hf", tmp_path, out)
+    assert code == 2 and "holds no checkpoint" in err and not out.exists()
+
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    code, err = _main(capsys, "from-hf", hf_dir, occupied)
+    assert code == 2 and "not empty" in err and "--overwrite" in err
+    assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
+
+    code, err = _main(capsys, "from-hf", hf_dir, out, "--recipe", "proxy")
+    assert code == 2 and "recipe proxy does not match the weights" in err and "model.num_layers: expected 4, found 2" in err
+    assert not out.exists()
+
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    config = json.loads((hf_dir / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
+    code, err = _main(capsys, "from-hf", llama, out)
+    assert code == 2 and "architecture LlamaForCausalLM is not supported" in err and not out.exists()
+
+    code, err = _main(capsys, "from-hf", tmp_path / "missing", out)
+    assert code == 2 and "is not a directory" in err
+
+
+def test_failed_import_leaves_nothing_behind(exported, tmp_path):
+    """A tensor missing from the weights is found after the work has started: the partial
+    output is removed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(exported["tp2-dense"][0], broken)
+    (shard,) = broken.glob("*.safetensors")
+    tensors = load_file(shard)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    result = convert("from-hf", broken, tmp_path / "out", check=False)
+    assert result.returncode == 2
+    assert "lack model.layers.1.mlp.up_proj.weight" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
