@@ -21,7 +21,7 @@ else
 LAUNCH := $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m megatron_power.cli
 endif
 
-.PHONY: setup setup-dev data train convert test bench clean-venv
+.PHONY: setup setup-dev data train submit convert test bench clean-venv
 
 setup: $(VENV)/.installed-base
 setup-dev: $(VENV)/.installed-dev
@@ -49,6 +49,17 @@ data: setup
 train: setup
 	$(MP) data
 	$(LAUNCH) train $(RECIPE) $(if $(SMOKE),--smoke) $(ARGS)
+
+# make submit RECIPE=dense3b NODES=16 [GPUS_PER_NODE=8 PARTITION= ACCOUNT= TIME= CONTAINER=
+#             CONTAINER_MOUNTS= CPU=1 SIGNAL_LEAD=180 DRY_RUN=1 ARGS="overrides"]
+NODES ?= 1
+GPUS_PER_NODE ?= 8
+submit: setup
+	$(MP) submit $(RECIPE) --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) \
+		$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) \
+		$(if $(TIME),--time $(TIME)) $(if $(filter-out undefined,$(origin CONTAINER)),--container "$(CONTAINER)") \
+		$(if $(CONTAINER_MOUNTS),--container-mounts "$(CONTAINER_MOUNTS)") $(if $(CPU),--cpu) \
+		$(if $(SIGNAL_LEAD),--signal-lead $(SIGNAL_LEAD)) $(if $(DRY_RUN),--dry-run) $(ARGS)
 
 # make convert CKPT=runs/proxy/checkpoints OUT=hf/proxy [ARGS="--dtype fp32 --verify"]
 convert: setup-dev

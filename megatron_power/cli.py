@@ -8,6 +8,9 @@ import sys
 
 
 def _train(args) -> int:
+    from megatron_power.signals import StopRequest
+
+    stop = StopRequest()
     from megatron_power.config import load_config, world_size_from_env
 
     config = load_config(args.recipe, args.overrides, world_size_from_env(), smoke=args.smoke)
@@ -15,7 +18,7 @@ def _train(args) -> int:
     from megatron_power.train import NonFiniteError, train
 
     try:
-        train(config)
+        train(config, stop)
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -130,6 +133,19 @@ def _config(args) -> int:
     return 0
 
 
+def _submit(args) -> int:
+    from pathlib import Path
+
+    from megatron_power.submit import Submission, submit
+
+    return submit(Submission(
+        recipe=args.recipe, overrides=args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        cpu=args.cpu, cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
+        time=args.time, container=args.container, container_mounts=args.container_mounts,
+        signal_lead=args.signal_lead, job_name=args.job_name, array=args.array, log_dir=Path(args.log_dir).absolute(),
+    ), dry_run=args.dry_run)
+
+
 def _convert(args) -> int:
     from pathlib import Path
 
@@ -199,6 +215,26 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus", type=int, default=8)
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (H100: 80)")
     plan.set_defaults(run=_plan)
+
+    sub = verbs.add_parser("submit", help="render the SLURM script for a recipe, check it, and sbatch it")
+    sub.add_argument("recipe")
+    sub.add_argument("overrides", nargs="*")
+    sub.add_argument("--nodes", type=int, default=1)
+    sub.add_argument("--gpus-per-node", type=int, default=8, help="processes per node, one per GPU")
+    sub.add_argument("--cpu", action="store_true", help="a CPU partition: request no GPUs")
+    sub.add_argument("--cpus-per-task", type=int)
+    sub.add_argument("--partition")
+    sub.add_argument("--account")
+    sub.add_argument("--time", help="SLURM time limit, e.g. 4:00:00 or 2-00:00:00")
+    sub.add_argument("--container", help="pyxis/enroot image (--container-image)")
+    sub.add_argument("--container-mounts", help="extra mounts; the repository is always mounted")
+    sub.add_argument("--signal-lead", type=int, default=180,
+                     help="seconds before the time limit to checkpoint and requeue")
+    sub.add_argument("--job-name")
+    sub.add_argument("--array", help="job array indices, e.g. 0-15%%4")
+    sub.add_argument("--log-dir", default="logs")
+    sub.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    sub.set_defaults(run=_submit)
 
     convert = verbs.add_parser("convert", help="checkpoints to and from Hugging Face (Granite, GraniteMoe)")
     direction = convert.add_subparsers(dest="direction", required=True)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import math
-import signal
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -18,6 +18,7 @@ from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_power import checkpoint, mup, runtime
+from megatron_power.signals import StopRequest
 from megatron_power.config import Config, from_yaml, model_differences, model_vocab_size, to_yaml
 from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
 from megatron_power.metrics import MetricsLogger
@@ -38,18 +39,6 @@ class TrainState:
     consumed_tokens: int = 0
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM's warning before a time limit) ask for a checkpoint and a clean exit."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
 
 
 def build_optimizer(config: Config, model):
@@ -207,9 +196,12 @@ def _check_same_model(source: Path, saved: Config, config: Config, vocab_size: i
             f"checkpoint.init_from {source} holds a different model than this recipe: " + "; ".join(problems))
 
 
-def train(config: Config) -> TrainState:
+FINISHED = "finished.json"  # in the run directory once the token budget is reached
+
+
+def train(config: Config, stop: StopRequest = None) -> TrainState:
+    stop = stop or StopRequest()
     rt = runtime.initialize(config)
-    stop = StopRequest()
     tokenizer = TokenizerInfo.from_sentencepiece(config.data.tokenizer)
     vocab_size = model_vocab_size(config, tokenizer.vocab_size)
     model = wrap_model(config, build_model(config, vocab_size))
@@ -271,6 +263,10 @@ def train(config: Config) -> TrainState:
         if stop_now and not last:
             log.info(f"stop requested: checkpoint saved at step {state.step}; exiting")
             break
+    else:
+        # Tells a SLURM job that stopped on a signal at the very end not to requeue itself.
+        if rt.rank == 0:
+            (config.run_dir / FINISHED).write_text(json.dumps({"step": state.step, "tokens": state.consumed_tokens}))
     log.close()
     runtime.shutdown()
     return state

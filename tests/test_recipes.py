@@ -50,3 +50,13 @@ def test_planner_counts_the_model_that_trains(default_data):
             size *= int(dim)
         built += size
     assert total == built
+
+
+@pytest.mark.parametrize("stage1", ["dense3b", "moe3b"])
+def test_stage2_recipe_continues_its_stage1_model(stage1):
+    from megatron_power.config import load_config
+
+    first, second = (load_config(r, world_size=8, check_paths=False) for r in (stage1, f"{stage1}_stage2"))
+    assert second.model == first.model and second.mup == first.mup and second.parallel == first.parallel
+    assert (second.train.stage, second.schedule.kind) == (2, "power")
+    assert second.train.tokens > first.train.tokens and second.schedule.decay > 0 == first.schedule.decay

@@ -1,0 +1,125 @@
+"""`megatron-power submit`: render slurm/train.sbatch.j2 for a recipe, check it, call sbatch.
+
+Everything is checked before sbatch runs: the recipe with its overrides validated for a world of
+nodes x processes per node (parallel sizes must divide it), the SLURM options' formats, and that
+sbatch exists. The rendered script is kept in the log directory beside the job's output.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from megatron_power.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "slurm" / "train.sbatch.j2"
+# SLURM's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
+TIME_FORMAT = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")
+
+
+@dataclass
+class Submission:
+    recipe: str
+    overrides: List[str] = field(default_factory=list)
+    nodes: int = 1
+    gpus_per_node: int = 8  # processes per node: one per GPU (per CPU slot with cpu=True)
+    cpu: bool = False  # a CPU partition: no GPUs requested
+    cpus_per_task: Optional[int] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: Optional[str] = None
+    container: Optional[str] = None
+    container_mounts: Optional[str] = None
+    signal_lead: int = 180  # seconds before the time limit: room to save a checkpoint
+    job_name: Optional[str] = None
+    array: Optional[str] = None
+    log_dir: Path = ROOT / "logs"
+
+
+def time_limit_seconds(text: str) -> int:
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        parts += [0] * (3 - len(parts))
+        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    return {1: lambda m: m * 60, 2: lambda m, s: m * 60 + s, 3: lambda h, m, s: h * 3600 + m * 60 + s}[len(parts)](*parts)
+
+
+def check(s: Submission) -> List[str]:
+    """Every problem with a submission, one line each (the recipe's own lines included)."""
+    errors = []
+    if s.nodes < 1:
+        errors.append(f"NODES must be at least 1, got {s.nodes}")
+    if s.gpus_per_node < 1:
+        errors.append(f"GPUS_PER_NODE must be at least 1, got {s.gpus_per_node}")
+    if s.time is not None and not TIME_FORMAT.fullmatch(s.time):
+        errors.append(f"TIME '{s.time}' is not a SLURM time limit (expected minutes, HH:MM:SS or D-HH:MM:SS)")
+    elif s.time is not None and time_limit_seconds(s.time) <= s.signal_lead:
+        errors.append(f"TIME {s.time} leaves no room: the checkpoint signal comes {s.signal_lead} s before the limit")
+    if s.container is not None and not s.container.strip():
+        errors.append("CONTAINER is empty (expected an image for pyxis, e.g. nvcr.io#nvidia/pytorch:25.01-py3)")
+    if s.container_mounts and not s.container:
+        errors.append("CONTAINER_MOUNTS given without CONTAINER (mounts belong to a container image)")
+    if errors:
+        return errors
+    try:
+        load_config(s.recipe, s.overrides, world_size=s.nodes * s.gpus_per_node)
+    except ConfigError as e:
+        errors += [f"{line} (world size {s.nodes} nodes x {s.gpus_per_node} = {s.nodes * s.gpus_per_node})"
+                   for line in str(e).splitlines()]
+    return errors
+
+
+def render(s: Submission, config, job_name: str) -> str:
+    import jinja2
+
+    # name and out_dir are set by the script (the run is named after recipe and job)
+    overrides = [o for o in s.overrides if not o.startswith(("name=", "out_dir="))]
+    container_flags = []
+    if s.container:
+        mounts = ",".join(m for m in (f"{ROOT}:{ROOT}", s.container_mounts) if m)
+        container_flags = [f"--container-image={shlex.quote(s.container)}",
+                           f"--container-mounts={shlex.quote(mounts)}", f"--container-workdir={ROOT}"]
+    python = "python" if s.container else str(ROOT / ".venv" / "bin" / "python")
+    template = jinja2.Template(TEMPLATE.read_text(), keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    return template.render(
+        recipe=shlex.quote(s.recipe), nodes=s.nodes, tasks_per_node=s.gpus_per_node, gpus=not s.cpu,
+        cpus_per_task=s.cpus_per_task or (1 if s.cpu else 8), time=s.time, partition=s.partition,
+        account=s.account, array=s.array, job_name=job_name, log_dir=s.log_dir,
+        signal_lead=s.signal_lead, repo=ROOT, out_dir=shlex.quote(str(Path(config.out_dir).absolute())),
+        run_name=f"{config.name}-" + "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}",
+        container_flags=container_flags, python=python, overrides=[shlex.quote(o) for o in overrides],
+    )
+
+
+def submit(s: Submission, dry_run: bool = False) -> int:
+    errors = check(s)
+    if not dry_run and not shutil.which("sbatch"):
+        errors.append("sbatch is not on PATH (submit from a SLURM login node, or use DRY_RUN=1 to print the script)")
+    if errors:
+        raise ConfigError("\n".join(errors))
+    config = load_config(s.recipe, s.overrides, world_size=s.nodes * s.gpus_per_node)
+    job_name = s.job_name or config.name
+    script = render(s, config, job_name)
+    if dry_run:
+        print(script, end="")
+        return 0
+    s.log_dir.mkdir(parents=True, exist_ok=True)
+    path = s.log_dir / f"{job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    path.write_text(script)
+    result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"error: sbatch refused {path}: {result.stderr.strip()}", file=sys.stderr)
+        return result.returncode
+    job_id = result.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id}: script {path}, output {s.log_dir}/{job_name}-{job_id}.out, "
+          f"run {config.out_dir}/{config.name}-{job_id}")
+    return 0

@@ -1,0 +1,105 @@
+"""SLURM: `make submit` against a real slurmctld/slurmd on this machine (installed by the test
+setup when missing). A job with a time limit shorter than its run is signalled, checkpoints,
+requeues itself, resumes and finishes with the losses of an uninterrupted local run."""
+
+import os
+import re
+import subprocess
+
+import pytest
+
+import slurm_cluster
+from conftest import ROOT, SMALL, metrics, run_train
+
+from megatron_power import cli
+
+STEPS = 120
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = slurm_cluster.install()
+    if reason:
+        pytest.skip(reason)
+    c = slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm"))
+    c.start()
+    yield c
+    c.stop()
+
+
+def make_submit(env, *variables):
+    return subprocess.run(["make", "--no-print-directory", "submit", *variables], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_time_limited_job_requeues_and_matches_a_local_run(cluster, default_data, tmp_path):
+    overrides = SMALL + [f"train.tokens={STEPS * 2048}", "train.log_interval=1", f"train.eval_interval={STEPS // 2}",
+                         "checkpoint.interval=1000"]
+    # Two minutes, the warning 60 s before the limit (SLURM may deliver it some seconds late):
+    # the first run is stopped part of the way (a run takes about 90 s), a requeued one finishes.
+    result = make_submit(cluster.env, "RECIPE=proxy", "NODES=1", "GPUS_PER_NODE=2", "CPU=1", "TIME=2",
+                         "SIGNAL_LEAD=60",
+                         f"ARGS=--log-dir {tmp_path} out_dir={tmp_path} name=slurm {' '.join(overrides)}")
+    assert result.returncode == 0, result.stderr
+    job_id = re.search(r"submitted job (\d+)", result.stdout).group(1)
+    run_train(tmp_path, "local", overrides, nproc=2)  # the uninterrupted reference, meanwhile
+
+    job = cluster.wait(job_id, timeout=600)
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED", log[-3000:]
+    assert int(job["Restarts"]) >= 1, log[-3000:]
+    assert "stop requested: checkpoint saved at step" in log
+    assert log.count("requeueing") == int(job["Restarts"])  # a finished job does not requeue again
+    assert log.rstrip().endswith("run finished")
+
+    train, valid = metrics(tmp_path / f"slurm-{job_id}")
+    expected_train, expected_valid = metrics(tmp_path / "local")
+    assert sorted(train) == list(range(1, STEPS + 1))
+    assert train == pytest.approx(expected_train, abs=1e-6)
+    assert valid == pytest.approx(expected_valid, abs=1e-6)
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch):
+    """An sbatch that records being called, first on PATH."""
+    called = tmp_path / "sbatch-called"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {called}\necho 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return called
+
+
+@pytest.mark.parametrize("args,message", [
+    (["proxy", "--nodes", "1", "--gpus-per-node", "3", "parallel.tp=2"], "world size 1 nodes x 3 = 3"),
+    (["proxi", "--nodes", "2"], "unknown recipe 'proxi' (did you mean 'proxy'?)"),
+    (["proxy", "--container", ""], "CONTAINER is empty"),
+    (["proxy", "--container-mounts", "/data:/data"], "CONTAINER_MOUNTS given without CONTAINER"),
+    (["proxy", "--time", "90 minutes"], "TIME '90 minutes' is not a SLURM time limit"),
+    (["proxy", "--time", "2", "--signal-lead", "180"], "TIME 2 leaves no room"),
+], ids=["layout", "recipe", "container", "mounts", "time", "signal"])
+def test_bad_submission_fails_before_sbatch(fake_sbatch, capsys, args, message):
+    assert cli.main(["submit", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ")
+    assert not fake_sbatch.exists()
+
+
+def test_make_submit_with_an_empty_container_fails_before_sbatch(fake_sbatch):
+    result = make_submit(os.environ, "RECIPE=proxy", "CONTAINER=")
+    assert result.returncode != 0 and "CONTAINER is empty" in result.stderr
+    assert not fake_sbatch.exists()
+
+
+def test_dry_run_renders_a_multi_node_gpu_script(default_data):
+    out = subprocess.run([str(ROOT / ".venv" / "bin" / "megatron-power"), "submit", "dense3b", "--nodes", "16",
+                          "--time", "2-00:00:00", "--container", "nvcr.io#nvidia/pytorch:25.01-py3", "--dry-run"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    result = subprocess.run(["bash", "-n"], input=out, text=True, capture_output=True)
+    assert result.returncode == 0, result.stderr  # the script parses
+    for line in ["#SBATCH --nodes=16", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --signal=B:USR1@180", "#SBATCH --requeue", "--container-image='nvcr.io#nvidia/pytorch:25.01-py3'",
+                 "CUDA_DEVICE_MAX_CONNECTIONS"]:
+        assert line in out
