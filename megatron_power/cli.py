@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 
 def _train(args) -> int:
@@ -59,6 +60,51 @@ def _data(args) -> int:
     state = "present" if existed else "built"
     print(f"data {state} in {out}: {manifest['train']['tokens']:,} train / {manifest['valid']['tokens']:,} "
           f"validation tokens, unigram entropy {manifest['unigram_entropy_nats']:.3f} nats")
+    return 0
+
+
+def _tokenizer(args) -> int:
+    from pathlib import Path
+
+    from tokenizer import sources, spm
+
+    paths = sources.check_inputs(args.inputs)
+    problems = sources.Problems(args.on_error)
+    texts = sources.documents(paths, args.field, problems)
+    model = spm.train(spm.paragraphs(texts), Path(args.out), args.vocab_size, args.model_type,
+                      args.max_sentences, [t for t in args.special_tokens.split(",") if t])
+    print(f"wrote {model}")
+    print("\n".join(problems.summary()))
+    return 0
+
+
+def _preprocess(args) -> int:
+    from pathlib import Path
+
+    from tokenizer import preprocess, sources
+
+    paths = sources.check_inputs(args.inputs)
+    if not Path(args.tokenizer).is_file():
+        raise sources.BadInput(f"--tokenizer {args.tokenizer}: no such file (expected a sentencepiece .model)")
+    if not 0 <= args.valid_fraction < 1:
+        raise sources.BadInput(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
+    out = Path(args.out)
+    valid = out.with_name(out.name + "_valid") if args.valid_fraction > 0 else None
+    if preprocess.is_complete(out) and (valid is None or preprocess.is_complete(valid)):
+        print(f"{out}.bin/.idx already complete; nothing to do (delete them to rebuild)")
+        return 0
+    problems = sources.Problems(args.on_error)
+    start = time.time()
+    stats = preprocess.write_indexed_dataset(sources.documents(paths, args.field, problems), Path(args.tokenizer),
+                                             out, args.workers, desc="preprocess", valid_prefix=valid,
+                                             valid_fraction=args.valid_fraction)
+    seconds = time.time() - start
+    for split, counts in stats.items():
+        print(f"{split}: {counts['documents']:,} documents, {counts['tokens']:,} tokens -> "
+              f"{out if split == 'train' else valid}.bin/.idx")
+    total = sum(c["tokens"] for c in stats.values())
+    print(f"{seconds:.1f} s, {total / max(seconds, 1e-9):,.0f} tokens/s with {args.workers} worker(s)")
+    print("\n".join(problems.summary()))
     return 0
 
 
@@ -187,6 +233,28 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--vocab-size", type=int, default=8192)
     data.set_defaults(run=_data)
 
+    tok = verbs.add_parser("tokenizer", help="train a sentencepiece tokenizer on corpus files")
+    tok.add_argument("inputs", nargs="+", help=".txt, .jsonl, .jsonl.gz, .jsonl.zst or .parquet files")
+    tok.add_argument("--out", required=True, help="output prefix: writes PREFIX.model")
+    tok.add_argument("--vocab-size", type=int, default=49152)
+    tok.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    tok.add_argument("--special-tokens", default="", help="comma-separated pieces never split")
+    tok.add_argument("--max-sentences", type=int, default=2_000_000, help="sample size for training")
+    tok.add_argument("--field", default="text", help="the text field of JSON lines and Parquet")
+    tok.add_argument("--on-error", choices=["skip", "stop"], default="skip", help="bad documents")
+    tok.set_defaults(run=_tokenizer)
+
+    pre = verbs.add_parser("preprocess", help="corpus files -> Megatron indexed dataset (.bin/.idx)")
+    pre.add_argument("inputs", nargs="+", help=".txt, .jsonl, .jsonl.gz, .jsonl.zst or .parquet files")
+    pre.add_argument("--tokenizer", required=True, help="sentencepiece .model")
+    pre.add_argument("--out", required=True, help="output prefix: writes PREFIX.bin and PREFIX.idx")
+    pre.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1))
+    pre.add_argument("--valid-fraction", type=float, default=0.0,
+                     help="documents (chosen by a hash of their text) written to PREFIX_valid instead")
+    pre.add_argument("--field", default="text", help="the text field of JSON lines and Parquet")
+    pre.add_argument("--on-error", choices=["skip", "stop"], default="skip", help="bad documents")
+    pre.set_defaults(run=_preprocess)
+
     schedule = verbs.add_parser("schedule", help="print and plot a recipe's learning rate against tokens")
     schedule.add_argument("recipe")
     schedule.add_argument("overrides", nargs="*")
@@ -265,6 +333,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from megatron_power.config import ConfigError
+    from tokenizer.sources import BadInput
 
     cli = parser()
     args, extra = cli.parse_known_args(argv)
@@ -275,6 +344,9 @@ def main(argv=None) -> int:
         cli.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         # Under torchrun every rank finds the same problem; one of them reports it.
         if int(os.environ.get("RANK", "0")) == 0:

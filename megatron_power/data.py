@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List
+from typing import List
 
 import numpy as np
 import sentencepiece as spm
@@ -35,10 +35,10 @@ def build_default_data(out_dir: Path = DEFAULT_DATA_DIR, vocab_size: int = 8192,
     valid = [text for name, text in documents if corpus.is_validation(name)]
     print(f"corpus: {len(documents)} standard-library files, {len(train)} train / {len(valid)} validation")
 
-    model_file = spm_train.train(_paragraphs(train), out_dir / "tokenizer", vocab_size)
+    model_file = spm_train.train(spm_train.paragraphs(train), out_dir / "tokenizer", vocab_size)
     stats = {
         split: preprocess.write_indexed_dataset(texts, model_file, out_dir / split, workers=workers,
-                                                total=len(texts), desc=f"encode {split}")
+                                                total=len(texts), desc=f"encode {split}")["train"]
         for split, texts in (("train", train), ("valid", valid))
     }
     manifest = {
@@ -52,14 +52,6 @@ def build_default_data(out_dir: Path = DEFAULT_DATA_DIR, vocab_size: int = 8192,
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, manifest_path)
     return manifest
-
-
-def _paragraphs(texts: List[str], max_chars: int = 4000) -> Iterator[str]:
-    """Sentencepiece trains on 'sentences'; blocks of source separated by blank lines serve."""
-    for text in texts:
-        for block in text.split("\n\n"):
-            if block.strip():
-                yield block[:max_chars]
 
 
 def unigram_entropy(prefix: Path, vocab_size: int) -> float:

@@ -88,7 +88,7 @@ def render(s: Submission, config, job_name: str) -> str:
         mounts = ",".join(m for m in (f"{ROOT}:{ROOT}", s.container_mounts) if m)
         container_flags = [f"--container-image={shlex.quote(s.container)}",
                            f"--container-mounts={shlex.quote(mounts)}", f"--container-workdir={ROOT}"]
-    python = "python" if s.container else str(ROOT / ".venv" / "bin" / "python")
+    python = "python" if s.container else sys.executable  # the environment this command runs in
     template = jinja2.Template(TEMPLATE.read_text(), keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     return template.render(
         recipe=shlex.quote(s.recipe), nodes=s.nodes, tasks_per_node=s.gpus_per_node, gpus=not s.cpu,

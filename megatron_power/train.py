@@ -18,6 +18,7 @@ from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_power import checkpoint, mup, runtime
+from megatron_power.expert_load import ExpertLoad
 from megatron_power.signals import StopRequest
 from megatron_power.config import Config, from_yaml, model_differences, model_vocab_size, to_yaml
 from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
@@ -132,15 +133,16 @@ def _update(optimizer, clip_grad: float) -> float:
     return grad_norm
 
 
-def _track_router(config: Config, step: int, num_microbatches: int, writer) -> None:
-    """The load-balancing loss of each MoE layer to TensorBoard (Megatron's own tracker, reduced
-    over the pipeline; every rank takes part, the logging rank writes)."""
+def _track_router(config: Config, step: int, num_microbatches: int, writer, expert_load: ExpertLoad) -> None:
+    """The load-balancing loss of each MoE layer (Megatron's own tracker, reduced over the
+    pipeline) and each expert's load to TensorBoard; every rank takes part, the logging rank writes."""
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, track_moe_metrics
 
     track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=step, writer=writer,
                       per_layer_logging=True, force_initialize=True,
                       track_names=["load_balancing_loss"], num_layers=config.model.num_layers)
     clear_aux_losses_tracker()
+    expert_load.write(writer, step)
 
 
 def evaluate(config: Config, model, dataset, rt: runtime.Runtime) -> float:
@@ -204,7 +206,10 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     rt = runtime.initialize(config)
     tokenizer = TokenizerInfo.from_sentencepiece(config.data.tokenizer)
     vocab_size = model_vocab_size(config, tokenizer.vocab_size)
-    model = wrap_model(config, build_model(config, vocab_size))
+    gpt_model = build_model(config, vocab_size)
+    model = wrap_model(config, gpt_model)
+    m = config.model
+    expert_load = ExpertLoad(gpt_model, m.num_layers, m.num_experts, rt.device) if m.num_experts else None
     optimizer = build_optimizer(config, model)
     t = config.train
     scheduler = TokenScheduler(optimizer, config.schedule, t.tokens, config.optim.weight_decay)
@@ -251,8 +256,8 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
                     f"(last at step {state.step}); stopping. The last good checkpoint is "
                     f"{checkpoint.latest(ckpt_dir) or 'none (no checkpoint was saved yet)'}")
         log.step(state.step, state.consumed_tokens, loss, lr, grad_norm, state.skipped_steps)
-        if config.model.num_experts:
-            _track_router(config, state.step, len(batches), log.writer)
+        if expert_load is not None:
+            _track_router(config, state.step, len(batches), log.writer, expert_load)
 
         last = state.consumed_tokens + config.tokens_per_step > t.tokens
         if state.step % t.eval_interval == 0 or last:

@@ -16,6 +16,7 @@ MOE = [
     "train.global_batch_size=16", "train.micro_batch_size=8", f"train.tokens={STEPS * 16 * 128}",
     "train.eval_interval=1000", "checkpoint.interval=1000", "schedule.warmup=0", "schedule.decay=0",
 ]
+ROUTED_PER_STEP = 16 * 128 * 2  # sequences x tokens x top-k
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +39,25 @@ def test_moe_layout_matches_single_process(reference, tmp_path, nproc, layout):
     for step in range(1, STEPS + 1):
         assert losses[step] == pytest.approx(expected[step], abs=1e-3), f"step {step}"
     assert losses[STEPS] < losses[1] - 1.0
+    # Expert load summed over the layout's ranks: every token counted once, the same balance.
+    for layer in (0, 1):
+        assert scalars(tmp_path / "layout", f"moe/tokens_routed/layer_{layer}") == [ROUTED_PER_STEP] * STEPS
+        assert scalars(tmp_path / "layout", f"moe/max_load/layer_{layer}") == pytest.approx(
+            scalars(reference, f"moe/max_load/layer_{layer}"), rel=0.02)
+
+
+def scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
 
 
 def test_router_statistics_reach_tensorboard(reference):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(reference / "tensorboard"))
+    events = EventAccumulator(str(reference / "tensorboard"), size_guidance={"histograms": 0})  # keep all
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"load_balancing_loss", "moe/load_balancing_loss_layer_0", "moe/load_balancing_loss_layer_1"} <= tags
@@ -52,3 +66,8 @@ def test_router_statistics_reach_tensorboard(reference):
     # Megatron tracks the switch load-balancing loss before its coefficient: about 1 when the 4
     # experts share tokens evenly, up to 4 when one takes them all.
     assert all(0.9 < v < 4.0 for v in values), values
+    for layer in (0, 1):
+        # tokens x top-k, each counted once; the busiest of 4 experts takes between 1/4 and all of them
+        assert scalars(reference, f"moe/tokens_routed/layer_{layer}") == [ROUTED_PER_STEP] * STEPS
+        assert all(1.0 <= v <= 4.0 for v in scalars(reference, f"moe/max_load/layer_{layer}"))
+        assert len(events.Histograms(f"moe/expert_load/layer_{layer}")) == STEPS

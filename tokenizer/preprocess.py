@@ -1,33 +1,30 @@
 """Encode documents with a sentencepiece model into a Megatron indexed dataset (.bin/.idx).
 
+Documents stream in batches: each batch is encoded by sentencepiece's own C++ threads (one
+call, `workers` threads, no pickling between processes) and appended, with an end-of-document
+token, through Megatron's `IndexedDatasetBuilder`. Memory holds one batch; the output is the
+same for any number of workers. With a validation fraction, every document goes to one split
+by a hash of its text, so the split does not depend on order or workers.
+
 The output is written under temporary names and renamed when complete (.bin first, .idx last), so
 an interrupted run never leaves files that look like a finished dataset.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
+import time
+import zlib
+from itertools import islice
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Dict, Iterable, Optional
 
 import numpy as np
 import sentencepiece as spm
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 
-_processor: Optional[spm.SentencePieceProcessor] = None
-
-
-def _init_worker(model_file: str) -> None:
-    global _processor
-    _processor = spm.SentencePieceProcessor(model_file=model_file)
-
-
-def _encode(text: str) -> np.ndarray:
-    ids = _processor.encode(text)
-    ids.append(_processor.eos_id())  # end of document
-    return np.asarray(ids, dtype=np.int32)
+BATCH_DOCUMENTS = 512
 
 
 def token_dtype(vocab_size: int):
@@ -39,44 +36,60 @@ def is_complete(prefix: Path) -> bool:
     return prefix.with_suffix(".bin").is_file() and prefix.with_suffix(".idx").is_file()
 
 
-def write_indexed_dataset(texts: Iterable[str], model_file: Path, prefix: Path, workers: int = 1,
-                          total: Optional[int] = None, desc: str = "encode") -> dict:
-    """Encode `texts` (one document each) into `prefix`.bin/.idx; return counts."""
-    vocab_size = spm.SentencePieceProcessor(model_file=str(model_file)).vocab_size()
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
-    builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=token_dtype(vocab_size))
-    documents = tokens = 0
-    try:
-        with _pool(workers, str(model_file)) as pool, tqdm(total=total, desc=desc, unit="doc") as bar:
-            encoded = pool.imap(_encode, texts, chunksize=8) if pool else map(_encode, texts)
-            for ids in encoded:
-                builder.add_document(ids, [ids.size])
-                documents += 1
-                tokens += ids.size
-                bar.update(1)
-                bar.set_postfix(tokens=tokens, refresh=False)
-        builder.finalize(str(tmp) + ".idx")
-        os.replace(str(tmp) + ".bin", prefix.with_suffix(".bin"))
-        os.replace(str(tmp) + ".idx", prefix.with_suffix(".idx"))
-    finally:
+def in_validation(text: str, fraction: float) -> bool:
+    return fraction > 0 and zlib.crc32(text.encode("utf-8", "surrogatepass")) < fraction * 2**32
+
+
+class _Output:
+    """One split's builder under a temporary name, renamed into place by `commit`."""
+
+    def __init__(self, prefix: Path, dtype):
+        self.prefix = prefix
+        self.tmp = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
+        self.builder = IndexedDatasetBuilder(str(self.tmp) + ".bin", dtype=dtype)
+        self.documents = self.tokens = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        self.builder.add_document(ids, [ids.size])
+        self.documents += 1
+        self.tokens += ids.size
+
+    def commit(self) -> None:
+        self.builder.finalize(str(self.tmp) + ".idx")
+        os.replace(str(self.tmp) + ".bin", self.prefix.with_suffix(".bin"))
+        os.replace(str(self.tmp) + ".idx", self.prefix.with_suffix(".idx"))
+
+    def discard(self) -> None:
         for suffix in (".bin", ".idx"):
-            Path(str(tmp) + suffix).unlink(missing_ok=True)
-    return {"documents": documents, "tokens": tokens}
+            Path(str(self.tmp) + suffix).unlink(missing_ok=True)
 
 
-class _pool:
-    """A worker pool for workers > 1; in-process encoding otherwise."""
-
-    def __init__(self, workers: int, model_file: str):
-        self.workers, self.model_file, self.pool = workers, model_file, None
-
-    def __enter__(self):
-        _init_worker(self.model_file)
-        if self.workers > 1:
-            self.pool = mp.get_context("spawn").Pool(self.workers, _init_worker, (self.model_file,))
-        return self.pool
-
-    def __exit__(self, *exc):
-        if self.pool:
-            self.pool.terminate()
+def write_indexed_dataset(texts: Iterable[str], model_file: Path, prefix: Path, workers: int = 1,
+                          total: Optional[int] = None, desc: str = "encode",
+                          valid_prefix: Optional[Path] = None, valid_fraction: float = 0.0) -> Dict[str, dict]:
+    """Encode `texts` (one document each) into `prefix`.bin/.idx (and a validation split into
+    `valid_prefix`); return documents and tokens per split."""
+    processor = spm.SentencePieceProcessor(model_file=str(model_file))
+    dtype, eod = token_dtype(processor.vocab_size()), processor.eos_id()
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    outputs = {"train": _Output(prefix, dtype)}
+    if valid_prefix is not None:
+        outputs["valid"] = _Output(valid_prefix, dtype)
+    texts, start = iter(texts), time.time()
+    try:
+        with tqdm(total=total, desc=desc, unit="doc") as bar:
+            while batch := list(islice(texts, BATCH_DOCUMENTS)):
+                for text, ids in zip(batch, processor.encode(batch, num_threads=workers)):
+                    ids.append(eod)
+                    split = "valid" if valid_prefix is not None and in_validation(text, valid_fraction) else "train"
+                    outputs[split].add(np.asarray(ids, dtype=dtype))
+                tokens = sum(o.tokens for o in outputs.values())
+                bar.update(len(batch))
+                bar.set_postfix(tokens=tokens, tok_per_s=f"{tokens / max(time.time() - start, 1e-9):,.0f}",
+                                refresh=False)
+        for output in outputs.values():
+            output.commit()
+    finally:
+        for output in outputs.values():
+            output.discard()
+    return {split: {"documents": o.documents, "tokens": o.tokens} for split, o in outputs.items()}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
@@ -12,9 +12,19 @@ import sentencepiece as spm
 UNK, BOS, EOS, PAD = 0, 1, 2, 3
 
 
+def paragraphs(texts: Iterable[str], max_chars: int = 4000) -> Iterator[str]:
+    """Sentencepiece trains on 'sentences'; blocks of text separated by blank lines serve."""
+    for text in texts:
+        for block in text.split("\n\n"):
+            if block.strip():
+                yield block[:max_chars]
+
+
 def train(sentences: Iterable[str], model_prefix: Path, vocab_size: int, model_type: str = "bpe",
-          max_sentences: int = 300_000) -> Path:
-    """Train on `sentences` (sampled down to `max_sentences`) and write `<model_prefix>.model`."""
+          max_sentences: int = 300_000, special_tokens: Sequence[str] = ()) -> Path:
+    """Train on `sentences` and write `<model_prefix>.model`. Sentencepiece keeps a uniform sample
+    of `max_sentences` of them (reservoir sampling), so a large corpus is streamed, not loaded.
+    `special_tokens` become pieces of their own, never split."""
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
@@ -33,6 +43,7 @@ def train(sentences: Iterable[str], model_prefix: Path, vocab_size: int, model_t
         seed_sentencepiece_size=200_000,
         max_sentence_length=8192,
         num_threads=2,
+        user_defined_symbols=list(special_tokens),
         minloglevel=2,
     )
     return model_prefix.with_suffix(".model")

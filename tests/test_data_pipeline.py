@@ -1,0 +1,150 @@
+"""Corpus files -> sentencepiece tokenizer and Megatron indexed datasets, read back by
+Megatron-Core; bad input reported by file and line; blends sampled in proportion."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from conftest import ROOT
+
+from megatron_power import cli
+
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Shakespeare's speeches as documents, written in every input format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    out = tmp_path_factory.mktemp("corpus")
+    speeches = [s for s in SHAKESPEARE.read_text().split("\n\n") if s.strip()][:3000]
+    parts = np.array_split(np.arange(len(speeches)), 4)
+    lines = [[json.dumps({"id": int(i), "text": speeches[i]}) + "\n" for i in p] for p in parts]
+    (out / "a.jsonl").write_text("".join(lines[0]))
+    with gzip.open(out / "b.jsonl.gz", "wt") as f:
+        f.write("".join(lines[1]))
+    (out / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("".join(lines[2]).encode()))
+    pq.write_table(pa.table({"text": [speeches[i] for i in parts[3]]}), out / "d.parquet")
+    (out / "e.txt").write_text(speeches[0])
+    files = [out / n for n in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.parquet", "e.txt")]
+    return files, [speeches[i] for p in parts for i in p] + [speeches[0]]
+
+
+def run_cli(*args):
+    return cli.main([*map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus, tmp_path_factory):
+    files, _ = corpus
+    prefix = tmp_path_factory.mktemp("tok") / "shakespeare"
+    assert run_cli("tokenizer", *files, "--out", prefix, "--vocab-size", 2000, "--special-tokens", "<|code|>") == 0
+    return prefix.with_suffix(".model")
+
+
+def read_documents(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix))
+    return [dataset[i].tolist() for i in range(len(dataset))]
+
+
+def test_every_format_encodes_as_sentencepiece_for_any_number_of_workers(corpus, tokenizer, tmp_path):
+    files, texts = corpus
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    assert sp.piece_to_id("<|code|>") != sp.unk_id() and sp.encode("a <|code|> b").count(sp.piece_to_id("<|code|>")) == 1
+    for workers in (1, 2):
+        assert run_cli("preprocess", *files, "--tokenizer", tokenizer, "--out", tmp_path / f"w{workers}",
+                       "--workers", workers) == 0
+    assert (tmp_path / "w1.bin").read_bytes() == (tmp_path / "w2.bin").read_bytes()
+    assert (tmp_path / "w1.idx").read_bytes() == (tmp_path / "w2.idx").read_bytes()
+    expected = [ids + [sp.eos_id()] for ids in sp.encode(texts)]
+    assert read_documents(tmp_path / "w1") == expected
+
+
+def test_validation_split_and_rerun_skips_complete_output(corpus, tokenizer, tmp_path, capsys):
+    files, texts = corpus
+    out = tmp_path / "split"
+    assert run_cli("preprocess", *files, "--tokenizer", tokenizer, "--out", out, "--valid-fraction", 0.1) == 0
+    train, valid = read_documents(out), read_documents(tmp_path / "split_valid")
+    assert len(train) + len(valid) == len(texts) and 0.05 < len(valid) / len(texts) < 0.15
+    stamp = out.with_suffix(".bin").stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_cli("preprocess", *files, "--tokenizer", tokenizer, "--out", out, "--valid-fraction", 0.1) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert out.with_suffix(".bin").stat().st_mtime_ns == stamp
+
+
+@pytest.fixture
+def bad_corpus(tmp_path):
+    (tmp_path / "bad.jsonl").write_bytes(b"".join([
+        b'{"text": "good one"}\n',
+        b'{"text": "broken\n',                 # line 2: malformed JSON
+        b'{"content": "no text field"}\n',     # line 3
+        b'{"text": "\xff\xfe bad bytes"}\n',   # line 4: invalid UTF-8
+        b'{"text": ""}\n',                     # line 5: empty document
+        b'{"text": "good two"}\n',
+    ]))
+    (tmp_path / "empty.jsonl").write_text("")
+    return [tmp_path / "bad.jsonl", tmp_path / "empty.jsonl"]
+
+
+def test_bad_input_is_counted_and_skipped_with_file_and_line(bad_corpus, tokenizer, tmp_path, capsys):
+    assert run_cli("preprocess", *bad_corpus, "--tokenizer", tokenizer, "--out", tmp_path / "out") == 0
+    out = capsys.readouterr().out
+    assert "train: 2 documents" in out
+    for kind in ("1 malformed JSON", "1 no text field 'text'", "1 invalid UTF-8", "1 empty document", "1 empty file"):
+        assert kind in out, out
+    assert f"{bad_corpus[0]}:2: malformed JSON" in out
+    assert len(read_documents(tmp_path / "out")) == 2
+
+
+def test_bad_input_stops_with_on_error_stop_and_writes_nothing(bad_corpus, tokenizer, tmp_path, capsys):
+    code = run_cli("preprocess", *bad_corpus, "--tokenizer", tokenizer, "--out", tmp_path / "out", "--on-error", "stop")
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: {bad_corpus[0]}:2: malformed JSON (pass --on-error skip to skip such documents)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.jsonl"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["missing.jsonl"], "missing.jsonl: no such file"),
+    (["notes.csv"], "notes.csv: unknown format"),
+])
+def test_bad_paths_fail_before_any_work(tokenizer, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    assert run_cli("preprocess", *args, "--tokenizer", tokenizer, "--out", tmp_path / "out") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_recipe_blend_samples_in_proportion(corpus, tokenizer, tmp_path):
+    """A recipe's `data.train: [1, first, 3, second]` through Megatron's blended dataset builder."""
+    from megatron_power.config import load_config
+    from megatron_power.data import TokenizerInfo, build_datasets
+
+    files, _ = corpus
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_cli("preprocess", *files[:2], "--tokenizer", tokenizer, "--out", first) == 0
+    assert run_cli("preprocess", *files[2:4], "--tokenizer", tokenizer, "--out", second) == 0
+    config = load_config("proxy", [f"data.train=[1,{first},3,{second}]", f"data.valid=[{first}]",
+                                   f"data.tokenizer={tokenizer}", "model.seq_length=64", "train.tokens=256000",
+                                   f"out_dir={tmp_path}"])
+    import torch.distributed as dist
+
+    from megatron_power.runtime import _free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        train, _ = build_datasets(config, TokenizerInfo.from_sentencepiece(str(tokenizer)))
+    finally:
+        dist.destroy_process_group()
+    shares = np.bincount(train.dataset_index, minlength=2) / len(train)
+    assert shares == pytest.approx([0.25, 0.75], abs=0.01)
