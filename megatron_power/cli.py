@@ -217,16 +217,22 @@ def _convert(args) -> int:
     return 0
 
 
+def _recipe_verb(verbs, name: str, run, help: str) -> argparse.ArgumentParser:
+    """A verb that takes a recipe and dotted overrides."""
+    verb = verbs.add_parser(name, help=help)
+    verb.add_argument("recipe", help="recipe name in recipes/ or a YAML path")
+    verb.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.tokens=2e6 parallel.tp=2")
+    verb.set_defaults(run=run)
+    return verb
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-power", description=__doc__)
     verbs = p.add_subparsers(dest="verb", required=True)
 
-    train = verbs.add_parser("train", help="train a recipe (under torchrun for several processes)")
-    train.add_argument("recipe", help="recipe name in recipes/ or a YAML path")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.tokens=2e6 parallel.tp=2")
+    train = _recipe_verb(verbs, "train", _train, "train a recipe (under torchrun for several processes)")
     train.add_argument("--smoke", action="store_true",
                        help="the recipe shrunk to CPU size, same structure and layout kinds (parallel sizes capped at 2)")
-    train.set_defaults(run=_train)
 
     data = verbs.add_parser("data", help="build the default corpus, tokenizer and indexed datasets")
     data.add_argument("--out", default="data/stdlib")
@@ -255,38 +261,24 @@ def parser() -> argparse.ArgumentParser:
     pre.add_argument("--on-error", choices=["skip", "stop"], default="skip", help="bad documents")
     pre.set_defaults(run=_preprocess)
 
-    schedule = verbs.add_parser("schedule", help="print and plot a recipe's learning rate against tokens")
-    schedule.add_argument("recipe")
-    schedule.add_argument("overrides", nargs="*")
+    schedule = _recipe_verb(verbs, "schedule", _schedule, "print and plot a recipe's learning rate against tokens")
     schedule.add_argument("--at", nargs="+", default=[], metavar="TOKENS",
                           help="token counts to print, e.g. 1e9 26B 1T")
     schedule.add_argument("--plot", metavar="FILE.png")
     schedule.add_argument("--world-size", type=int, default=1)
-    schedule.set_defaults(run=_schedule)
 
-    coord = verbs.add_parser("coordcheck", help="muP coordinate check: activation RMS against width")
-    coord.add_argument("recipe")
-    coord.add_argument("overrides", nargs="*")
+    coord = _recipe_verb(verbs, "coordcheck", _coordcheck, "muP coordinate check: activation RMS against width")
     coord.add_argument("--widths", default="64,128,256,512")
     coord.add_argument("--steps", type=int, default=5)
     coord.add_argument("--out", help="output directory (default: runs/<name>/coordcheck)")
-    coord.set_defaults(run=_coordcheck)
 
-    params = verbs.add_parser("params", help="list every parameter with its lr and weight decay")
-    params.add_argument("recipe")
-    params.add_argument("overrides", nargs="*")
-    params.set_defaults(run=_params)
+    _recipe_verb(verbs, "params", _params, "list every parameter with its lr and weight decay")
 
-    plan = verbs.add_parser("plan", help="parameters, FLOPs per token and memory per GPU of a recipe's layout")
-    plan.add_argument("recipe")
-    plan.add_argument("overrides", nargs="*")
+    plan = _recipe_verb(verbs, "plan", _plan, "parameters, FLOPs per token and memory per GPU of a recipe's layout")
     plan.add_argument("--gpus", type=int, default=8)
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (H100: 80)")
-    plan.set_defaults(run=_plan)
 
-    sub = verbs.add_parser("submit", help="render the SLURM script for a recipe, check it, and sbatch it")
-    sub.add_argument("recipe")
-    sub.add_argument("overrides", nargs="*")
+    sub = _recipe_verb(verbs, "submit", _submit, "render the SLURM script for a recipe, check it, and sbatch it")
     sub.add_argument("--nodes", type=int, default=1)
     sub.add_argument("--gpus-per-node", type=int, default=8, help="processes per node, one per GPU")
     sub.add_argument("--cpu", action="store_true", help="a CPU partition: request no GPUs")
@@ -302,7 +294,6 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--array", help="job array indices, e.g. 0-15%%4")
     sub.add_argument("--log-dir", default="logs")
     sub.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
-    sub.set_defaults(run=_submit)
 
     convert = verbs.add_parser("convert", help="checkpoints to and from Hugging Face (Granite, GraniteMoe)")
     direction = convert.add_subparsers(dest="direction", required=True)
@@ -323,11 +314,8 @@ def parser() -> argparse.ArgumentParser:
     from_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     from_hf.set_defaults(run=_convert)
 
-    config = verbs.add_parser("config", help="print a recipe with overrides applied, after validation")
-    config.add_argument("recipe")
-    config.add_argument("overrides", nargs="*")
+    config = _recipe_verb(verbs, "config", _config, "print a recipe with overrides applied, after validation")
     config.add_argument("--world-size", type=int, default=1)
-    config.set_defaults(run=_config)
     return p
 
 
