@@ -94,6 +94,17 @@ class MetricsLogger:
         self._record(step=step, tokens=tokens, valid_loss=loss)
         print(f"step {step} | validation loss {loss:.4f}", flush=True)
 
+    def noise_scale(self, step, tokens, grad_sq, trace, b_simple) -> None:
+        """This step's estimates of |G|^2 and tr(Sigma), and B_simple from their averages."""
+        if not self.active:
+            return
+        w = self.writer
+        w.add_scalar("noise_scale/b_simple", b_simple, step)
+        w.add_scalar("noise_scale/b_simple_vs_tokens", b_simple, tokens)
+        w.add_scalar("noise_scale/grad_sq", grad_sq, step)
+        w.add_scalar("noise_scale/trace", trace, step)
+        self._record(step=step, tokens=tokens, b_simple=b_simple, grad_sq=grad_sq, trace=trace)
+
     def close(self) -> None:
         if self.active:
             self.writer.close()

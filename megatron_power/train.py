@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from megatron_power.config import Config, from_yaml, model_differences, model_vo
 from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
 from megatron_power.metrics import MetricsLogger
 from megatron_power.model import build_model
+from megatron_power.noise import FirstMicrobatchProbe, NoiseScaleAverage
 from megatron_power.scheduler import TokenScheduler, phase_tokens
 
 
@@ -40,6 +41,7 @@ class TrainState:
     consumed_tokens: int = 0
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
+    noise_scale: dict = field(default_factory=lambda: asdict(NoiseScaleAverage()))
 
 
 def build_optimizer(config: Config, model):
@@ -87,10 +89,10 @@ def forward_step(data_iterator, model):
     return per_token_loss, partial(_masked_mean, batch["loss_mask"].to(device))
 
 
-def run_microbatches(config: Config, model, batches, forward_only: bool):
+def run_microbatches(config: Config, model, batches, forward_only: bool, step_func=forward_step):
     """One global batch through Megatron's schedule for this layout; the last stage gets the losses."""
     return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+        forward_step_func=step_func, data_iterator=iter(batches), model=[model],
         num_microbatches=len(batches), seq_length=config.model.seq_length,
         micro_batch_size=config.train.micro_batch_size, forward_only=forward_only)
 
@@ -116,11 +118,13 @@ def _global_mean_loss(losses, rt: runtime.Runtime, stop: bool = False):
     return float(totals[0] / totals[1]), bool(totals[2] > 0)
 
 
-def _update(optimizer, clip_grad: float) -> float:
+def _update(optimizer, clip_grad: float, probe: FirstMicrobatchProbe = None) -> float:
     """Megatron's ChainedOptimizer.step(), with one addition: a non-finite grad norm (or a
     mixed-precision overflow) skips the update. Returns the grad norm."""
     if optimizer.prepare_grads():
         return math.inf
+    if probe is not None:
+        probe.read_global_batch(optimizer)
     grad_norm = optimizer.get_grad_norm()
     if not math.isfinite(grad_norm):
         return grad_norm
@@ -143,6 +147,17 @@ def _track_router(config: Config, step: int, num_microbatches: int, writer, expe
                       track_names=["load_balancing_loss"], num_layers=config.model.num_layers)
     clear_aux_losses_tracker()
     expert_load.write(writer, step)
+
+
+def _track_noise_scale(state: TrainState, probe: FirstMicrobatchProbe, log: MetricsLogger) -> None:
+    grad_sq, trace = probe.estimates()
+    average = NoiseScaleAverage(**state.noise_scale)
+    average.update(grad_sq, trace, NOISE_SCALE_DECAY)
+    state.noise_scale = asdict(average)
+    log.noise_scale(state.step, state.consumed_tokens, grad_sq, trace, average.b_simple)
+
+
+NOISE_SCALE_DECAY = 0.9  # per measurement; the estimate averages roughly the last ten
 
 
 def evaluate(config: Config, model, dataset, rt: runtime.Runtime) -> float:
@@ -212,6 +227,10 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     expert_load = ExpertLoad(gpt_model, m.num_layers, m.num_experts, rt.device) if m.num_experts else None
     optimizer = build_optimizer(config, model)
     t = config.train
+    probe = None
+    if t.noise_scale_interval:
+        probe = FirstMicrobatchProbe(model, t.micro_batch_size, t.global_batch_size,
+                                     t.global_batch_size // (t.micro_batch_size * rt.dp), config.parallel.ep, rt.device)
     scheduler = TokenScheduler(optimizer, config.schedule, t.tokens, config.optim.weight_decay)
     train_data, valid_data = build_datasets(config, tokenizer)
 
@@ -235,9 +254,11 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
                                 t.micro_batch_size, rt.dp, rt.dp_rank)
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        losses = run_microbatches(config, model, batches, forward_only=False)
+        measure = probe is not None and (state.step + 1) % t.noise_scale_interval == 0
+        losses = run_microbatches(config, model, batches, forward_only=False,
+                                  step_func=probe.wrap(forward_step) if measure else forward_step)
         loss, stop_now = _global_mean_loss(losses, rt, stop.requested)
-        grad_norm = _update(optimizer, t.clip_grad) if math.isfinite(loss) else math.nan
+        grad_norm = _update(optimizer, t.clip_grad, probe if measure else None) if math.isfinite(loss) else math.nan
 
         state.step += 1
         state.consumed_samples += t.global_batch_size
@@ -256,6 +277,8 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
                     f"(last at step {state.step}); stopping. The last good checkpoint is "
                     f"{checkpoint.latest(ckpt_dir) or 'none (no checkpoint was saved yet)'}")
         log.step(state.step, state.consumed_tokens, loss, lr, grad_norm, state.skipped_steps)
+        if measure and finite:
+            _track_noise_scale(state, probe, log)
         if expert_load is not None:
             _track_router(config, state.step, len(batches), log.writer, expert_load)
 
