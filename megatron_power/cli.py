@@ -192,6 +192,67 @@ def _submit(args) -> int:
     ), dry_run=args.dry_run)
 
 
+def _sweep(args) -> int:
+    from pathlib import Path
+
+    from megatron_power import sweep
+
+    spec = sweep.load_spec(args.spec)
+    if args.jobs:
+        spec.jobs = args.jobs
+    processes = args.gpus_per_node if args.slurm else 1
+    grid = sweep.check(spec, world_size=processes)
+    if args.collect:
+        print(f"wrote {sweep.collect(spec, grid)}")
+        return 0
+    if args.slurm:
+        from megatron_power.submit import Submission, submit
+
+        todo = [p.index for p in grid if sweep.status(spec.dir / p.name) in ("pending", "started")]
+        if not todo:
+            print(f"every point of {spec.name} is done; wrote {sweep.collect(spec, grid)}")
+            return 0
+        rc = submit(Submission(
+            recipe=spec.recipe, overrides=spec.overrides + [f"out_dir={spec.dir}"], nodes=1,
+            gpus_per_node=processes, cpu=args.cpu, cpus_per_task=args.cpus_per_task, partition=args.partition,
+            account=args.account, time=args.time, container=args.container, container_mounts=args.container_mounts,
+            signal_lead=args.signal_lead, job_name=spec.name, log_dir=Path(args.log_dir).absolute(),
+            array=",".join(map(str, todo)) + (f"%{args.max_running}" if args.max_running else ""),
+            points_file=sweep.write_points_file(spec, grid)), dry_run=args.dry_run)
+        if rc == 0 and not args.dry_run:
+            print(f"{len(todo)} of {len(grid)} points submitted; when they are done: "
+                  f"megatron-power sweep {args.spec} --collect")
+        return rc
+    outcomes = sweep.run_local(spec, grid, cpu_only=args.cpu)
+    results = sweep.collect(spec, grid)
+    counts = {}
+    for outcome in outcomes.values():
+        counts[outcome.split(" ")[0]] = counts.get(outcome.split(" ")[0], 0) + 1
+    print(f"{', '.join(f'{n} {k}' for k, n in sorted(counts.items())) or 'nothing to run'}; wrote {results}")
+    if counts.get("pending") or counts.get("started"):
+        print(f"interrupted: run `megatron-power sweep {args.spec}` again to continue where it stopped")
+        return 130
+    return 1 if counts.get("failed") else 0
+
+
+def _fit(args) -> int:
+    from pathlib import Path
+
+    from megatron_power import fit
+
+    results = Path(args.results)
+    if args.best_batches < 1:
+        print(f"error: --best-batches must be at least 1, got {args.best_batches}", file=sys.stderr)
+        return 2
+    try:
+        lines = fit.run(results, Path(args.out) if args.out else results.parent, args.best_batches)
+    except fit.FitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
 def _convert(args) -> int:
     from pathlib import Path
 
@@ -215,6 +276,21 @@ def _convert(args) -> int:
         return 2
     print(f"wrote {args.out}")
     return 0
+
+
+def _slurm_options(verb: argparse.ArgumentParser, gpus_per_node: int) -> None:
+    verb.add_argument("--gpus-per-node", type=int, default=gpus_per_node, help="processes per node, one per GPU")
+    verb.add_argument("--cpu", action="store_true", help="CPU only: request no GPUs (SLURM), use none (local sweep)")
+    verb.add_argument("--cpus-per-task", type=int)
+    verb.add_argument("--partition")
+    verb.add_argument("--account")
+    verb.add_argument("--time", help="SLURM time limit, e.g. 4:00:00 or 2-00:00:00")
+    verb.add_argument("--container", help="pyxis/enroot image (--container-image)")
+    verb.add_argument("--container-mounts", help="extra mounts; the repository is always mounted")
+    verb.add_argument("--signal-lead", type=int, default=180,
+                      help="seconds before the time limit to checkpoint and requeue")
+    verb.add_argument("--log-dir", default="logs")
+    verb.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
 
 
 def _recipe_verb(verbs, name: str, run, help: str) -> argparse.ArgumentParser:
@@ -280,20 +356,24 @@ def parser() -> argparse.ArgumentParser:
 
     sub = _recipe_verb(verbs, "submit", _submit, "render the SLURM script for a recipe, check it, and sbatch it")
     sub.add_argument("--nodes", type=int, default=1)
-    sub.add_argument("--gpus-per-node", type=int, default=8, help="processes per node, one per GPU")
-    sub.add_argument("--cpu", action="store_true", help="a CPU partition: request no GPUs")
-    sub.add_argument("--cpus-per-task", type=int)
-    sub.add_argument("--partition")
-    sub.add_argument("--account")
-    sub.add_argument("--time", help="SLURM time limit, e.g. 4:00:00 or 2-00:00:00")
-    sub.add_argument("--container", help="pyxis/enroot image (--container-image)")
-    sub.add_argument("--container-mounts", help="extra mounts; the repository is always mounted")
-    sub.add_argument("--signal-lead", type=int, default=180,
-                     help="seconds before the time limit to checkpoint and requeue")
     sub.add_argument("--job-name")
     sub.add_argument("--array", help="job array indices, e.g. 0-15%%4")
-    sub.add_argument("--log-dir", default="logs")
-    sub.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    _slurm_options(sub, gpus_per_node=8)
+
+    sweep = verbs.add_parser("sweep", help="run a grid of proxy runs (locally or as a SLURM array) into results.csv")
+    sweep.add_argument("spec", help="sweep spec name in recipes/sweeps/ or a YAML path")
+    sweep.add_argument("--jobs", type=int, help="points at once on this machine (default: the spec's, else GPUs or cores)")
+    sweep.add_argument("--collect", action="store_true", help="only write results.csv from the runs on disk")
+    sweep.add_argument("--slurm", action="store_true", help="submit the unfinished points as a SLURM job array")
+    sweep.add_argument("--max-running", type=int, help="SLURM: array tasks running at once")
+    _slurm_options(sweep, gpus_per_node=1)
+    sweep.set_defaults(run=_sweep)
+
+    fit = verbs.add_parser("fit", help="fit a and b of the Power scheduler (and more) to a sweep's results.csv")
+    fit.add_argument("results", help="a sweep's results.csv")
+    fit.add_argument("--out", help="where figures and fit.yaml go (default: beside the results)")
+    fit.add_argument("--best-batches", type=int, default=3, help="batch sizes per token budget in the fit")
+    fit.set_defaults(run=_fit)
 
     convert = verbs.add_parser("convert", help="checkpoints to and from Hugging Face (Granite, GraniteMoe)")
     direction = convert.add_subparsers(dest="direction", required=True)

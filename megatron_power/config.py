@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+FINISHED = "finished.json"  # in a run directory once the run has reached its token budget
 
 
 class ConfigError(ValueError):

@@ -1,4 +1,4 @@
-"""Figures: the learning-rate schedule against tokens."""
+"""Figures: the learning-rate schedule against tokens, and a sweep's fits (fit.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,23 @@ import numpy as np
 from megatron_power.scheduler import learning_rate, phase_tokens
 
 
-def plot_schedule(config, path: str) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
+def plot_schedule(config, path: str) -> None:
+    plt = _pyplot()
     s, budget, batch = config.schedule, config.train.tokens, config.train.global_batch_size
     warmup, decay = phase_tokens(s.warmup, budget), phase_tokens(s.decay, budget)
     tokens = np.unique(np.concatenate([
@@ -32,6 +43,98 @@ def plot_schedule(config, path: str) -> None:
     ax.set_title(f"{config.name}: lr against tokens")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def _tokens(n: int) -> str:
+    return next((f"{n / size:g}{unit}" for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
+                 if n >= size), str(n))
+
+
+def plot_lr_sweep(rows, optima, path, label: str) -> None:
+    """Final validation loss against lr, a panel per token budget and a line per batch size."""
+    plt = _pyplot()
+    budgets = sorted({o.tokens for o in optima})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.8), sharey=True, squeeze=False)
+    batches = sorted({r["batch"] for r in rows})
+    for ax, tokens in zip(axes[0], budgets):
+        for i, batch in enumerate(batches):
+            run = sorted((r["lr"], r["valid_loss"]) for r in rows if (r["tokens"], r["batch"]) == (tokens, batch)
+                         and r["valid_loss"] is not None and np.isfinite(r["valid_loss"]))
+            if run:
+                ax.plot(*zip(*run), "o-", color=f"C{i}", label=f"batch {batch}")
+            for o in optima:
+                if (o.tokens, o.batch) == (tokens, batch):
+                    ax.plot(o.lr, o.loss, "*", color=f"C{i}", markersize=14, markeredgecolor="k")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"T = {_tokens(tokens)} tokens")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("final validation loss")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"{label}: loss against lr (stars: fitted optima)")
+    _save(fig, path)
+
+
+def plot_gamma_fit(optima, chosen, law, path, label: str) -> None:
+    """gamma = lr_opt / batch against T, log-log, with the fitted power law."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    batches = sorted({o.batch for o in optima})
+    for i, batch in enumerate(batches):
+        mine = [o for o in optima if o.batch == batch]
+        ax.plot([o.tokens for o in mine], [o.lr / o.batch for o in mine], "o", mfc="none", color=f"C{i}")
+        picked = [o for o in chosen if o.batch == batch]
+        ax.plot([o.tokens for o in picked], [o.lr / o.batch for o in picked], "o", color=f"C{i}", label=f"batch {batch}")
+    t = np.geomspace(min(o.tokens for o in optima), max(o.tokens for o in optima), 50)
+    ax.plot(t, law.a * t ** law.b, "k--", label=f"fit: {law.a:.3g} T^{law.b:.3f} (b +- {law.sigma_b:.2g})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("token budget T")
+    ax.set_ylabel("gamma = lr_opt / batch")
+    ax.set_title(f"{label}: filled points are the best batch sizes at each T")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_noise_scale(points, law, path, label: str) -> None:
+    """B_simple at each (T, batch) optimum against T, with its power law."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, batch in enumerate(sorted({b for _, b, _ in points})):
+        mine = [(t, v) for t, b, v in points if b == batch]
+        ax.plot(*zip(*mine), "o", color=f"C{i}", label=f"batch {batch}")
+    t = np.geomspace(min(p[0] for p in points), max(p[0] for p in points), 50)
+    ax.plot(t, law.a * t ** law.b, "k--", label=f"fit: B_simple ~ T^{law.b:.2f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("token budget T")
+    ax.set_ylabel("gradient noise scale B_simple (sequences)")
+    ax.set_title(f"{label}: critical batch size estimate")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_transfer(rows, path, title: str) -> None:
+    """Loss against lr for each width, muP and SP side by side."""
+    plt = _pyplot()
+    kinds = sorted({r["mup"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), sharey=True, squeeze=False)
+    for ax, mup in zip(axes[0], kinds):
+        for i, width in enumerate(sorted({r["width"] for r in rows})):
+            run = sorted((r["lr"], r["valid_loss"]) for r in rows if r["mup"] == mup and r["width"] == width
+                         and r["valid_loss"] is not None and np.isfinite(r["valid_loss"]))
+            if run:
+                ax.plot(*zip(*run), "o-", color=f"C{i}", label=f"width {width}")
+                best = min(run, key=lambda p: p[1])
+                ax.plot(*best, "*", color=f"C{i}", markersize=14, markeredgecolor="k")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title("muP" if mup else "standard parametrization")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("final validation loss")
+    fig.suptitle(f"muTransfer: {title} (stars: best grid point)")
+    _save(fig, path)

@@ -42,6 +42,7 @@ class Submission:
     job_name: Optional[str] = None
     array: Optional[str] = None
     log_dir: Path = ROOT / "logs"
+    points_file: Optional[Path] = None  # a sweep's point list (sweep.write_points_file), one per array task
 
 
 def time_limit_seconds(text: str) -> int:
@@ -97,6 +98,7 @@ def render(s: Submission, config, job_name: str) -> str:
         signal_lead=s.signal_lead, repo=ROOT, out_dir=shlex.quote(str(Path(config.out_dir).absolute())),
         run_name=f"{config.name}-" + "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}",
         container_flags=container_flags, python=python, overrides=[shlex.quote(o) for o in overrides],
+        points_file=shlex.quote(str(s.points_file.absolute())) if s.points_file else None,
     )
 
 
@@ -120,6 +122,6 @@ def submit(s: Submission, dry_run: bool = False) -> int:
         print(f"error: sbatch refused {path}: {result.stderr.strip()}", file=sys.stderr)
         return result.returncode
     job_id = result.stdout.strip().split(";")[0]
-    print(f"submitted job {job_id}: script {path}, output {s.log_dir}/{job_name}-{job_id}.out, "
-          f"run {config.out_dir}/{config.name}-{job_id}")
+    runs = f"runs under {config.out_dir}" if s.points_file else f"run {config.out_dir}/{config.name}-{job_id}"
+    print(f"submitted job {job_id}: script {path}, output {s.log_dir}/{job_name}-{job_id}{'_*' if s.array else ''}.out, {runs}")
     return 0

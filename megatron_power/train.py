@@ -20,7 +20,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_power import checkpoint, mup, runtime
 from megatron_power.expert_load import ExpertLoad
 from megatron_power.signals import StopRequest
-from megatron_power.config import Config, from_yaml, model_differences, model_vocab_size, to_yaml
+from megatron_power.config import FINISHED, Config, from_yaml, model_differences, model_vocab_size, to_yaml
 from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
 from megatron_power.metrics import MetricsLogger
 from megatron_power.model import build_model
@@ -211,9 +211,6 @@ def _check_same_model(source: Path, saved: Config, config: Config, vocab_size: i
     if problems:
         raise checkpoint.CheckpointError(
             f"checkpoint.init_from {source} holds a different model than this recipe: " + "; ".join(problems))
-
-
-FINISHED = "finished.json"  # in the run directory once the token budget is reached
 
 
 def train(config: Config, stop: StopRequest = None) -> TrainState:

@@ -52,3 +52,18 @@ def metrics(run_dir: Path):
     train = {r["step"]: r["loss"] for r in rows if "loss" in r}
     valid = {r["step"]: r["valid_loss"] for r in rows if "valid_loss" in r}
     return train, valid
+
+
+# A sweep point small enough to run in seconds (seq 64, width 64, 2 layers).
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=1", "model.ffn_hidden_size=128",
+        "model.seq_length=64", "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_interval=1000",
+        "train.noise_scale_interval=2", "schedule.kind=wsd", "schedule.warmup=0.1", "schedule.decay=0.1",
+        "checkpoint.interval=4", "train.tokens=16K"]
+
+
+def write_spec(path: Path, out_dir: Path, grid: dict, name: str = "grid") -> Path:
+    """A sweep spec of TINY points over `grid`, two points at a time."""
+    lines = [f"name: {name}", "recipe: proxy", f"out_dir: {out_dir}", "jobs: 2", "eval_sequences: 32", "overrides:"]
+    lines += [f"  - {o}" for o in TINY] + ["grid:"] + [f"  {k}: {v}" for k, v in grid.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path

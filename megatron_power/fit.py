@@ -1,0 +1,240 @@
+"""`megatron-power fit RESULTS`: the Power scheduler paper's procedure on a sweep's results table.
+
+1. For each token budget T and batch size, the optimal learning rate: a parabola in log(lr) through
+   the best grid point and its neighbours (the best grid point itself where it lies on the grid's
+   edge, flagged, or where the curve is not convex there).
+2. gamma = lr_opt / batch for the best batch sizes at each T (the paper takes the best 3).
+3. A least-squares line log(gamma) = log(a) + b log(T), with standard errors from its residuals.
+Besides: how far the optimum moves across widths with and without muP (grid steps), and the
+gradient noise scale B_simple against T with its own power law.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+AXES = {"grid.train.tokens", "grid.train.global_batch_size", "grid.schedule.lr_max", "grid.width", "grid.mup.enabled"}
+
+
+class FitError(ValueError):
+    pass
+
+
+@dataclass
+class Optimum:
+    tokens: int
+    batch: int
+    lr: float
+    loss: float
+    at_edge: bool  # the best lr is the smallest or largest of the grid: the true optimum may lie outside
+    grid_index: int  # of the best grid point, in the sorted learning rates
+
+
+@dataclass
+class PowerLaw:
+    """y = a * x**b from a line in log-log space; sigmas are standard errors (nan with 2 points)."""
+
+    a: float
+    b: float
+    sigma_a: float
+    sigma_b: float
+    points: int
+
+
+def read_results(path: Path) -> List[dict]:
+    if not path.is_file():
+        raise FitError(f"{path}: no such results table (expected the results.csv of a sweep)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    need = {"tokens", "batch", "lr", "width", "mup", "valid_loss"}
+    missing = need - set(rows[0] if rows else need)
+    if not rows or missing:
+        raise FitError(f"{path}: expected a sweep's results table with columns {sorted(need)}"
+                       + (f"; missing {sorted(missing)}" if rows else "; it has no rows"))
+    for row in rows:
+        row["tokens"], row["batch"], row["width"] = int(row["tokens"]), int(row["batch"]), int(row["width"])
+        row["lr"] = float(row["lr"])
+        row["mup"] = row["mup"] == "True"
+        for key in ("valid_loss", "b_simple"):
+            row[key] = float(row[key]) if row.get(key) not in (None, "") else None
+    return rows
+
+
+def family(row: dict) -> Tuple:
+    """What besides T, batch and lr tells runs apart: width, muP and any other grid axis."""
+    others = tuple(sorted((k, row[k]) for k in row if k.startswith("grid.") and k not in AXES))
+    return (row["width"], row["mup"]) + others
+
+
+def family_label(key: Tuple) -> str:
+    width, mup, *others = key
+    return ", ".join([f"width {width}", "muP" if mup else "SP"] + [f"{k[5:]}={v}" for k, v in others])
+
+
+def optimal_lr(lrs: List[float], losses: List[Optional[float]]) -> Tuple[float, float, bool, int]:
+    """(lr_opt, loss there, at the grid's edge, index of the best grid point) over a lr grid; a
+    diverged run (loss inf or missing) counts as worse than any finite one."""
+    order = np.argsort(lrs)
+    grid = np.asarray(lrs, dtype=float)[order]
+    x = np.log(grid)
+    y = np.array([math.inf if v is None else v for v in np.asarray(losses, dtype=object)[order]], dtype=float)
+    if not np.isfinite(y).any():
+        raise FitError(f"no run finished with a finite loss at learning rates {sorted(lrs)}")
+    best = int(np.nanargmin(np.where(np.isfinite(y), y, np.inf)))
+    at_edge = best in (0, len(x) - 1)
+    window = [i for i in range(best - 2, best + 3) if 0 <= i < len(x) and np.isfinite(y[i])]
+    if at_edge or len(window) < 3:
+        return float(grid[best]), float(y[best]), at_edge, best
+    c2, c1, c0 = np.polyfit(x[window], y[window], 2)
+    if c2 <= 0:
+        return float(grid[best]), float(y[best]), False, best
+    vertex = float(np.clip(-c1 / (2 * c2), x[best - 1], x[best + 1]))
+    return math.exp(vertex), float(np.polyval([c2, c1, c0], vertex)), False, best
+
+
+def optima(rows: List[dict]) -> List[Optimum]:
+    """The optimum of every (T, batch) group of one family."""
+    groups: Dict[Tuple[int, int], List[dict]] = defaultdict(list)
+    for row in rows:
+        if row["status"] in ("finished", "diverged"):
+            groups[(row["tokens"], row["batch"])].append(row)
+    result = []
+    for (tokens, batch), group in sorted(groups.items()):
+        if len({r["lr"] for r in group}) < 2:
+            continue
+        lr, loss, at_edge, index = optimal_lr([r["lr"] for r in group], [r["valid_loss"] for r in group])
+        result.append(Optimum(tokens, batch, lr, loss, at_edge, index))
+    return result
+
+
+def power_law(x: List[float], y: List[float]) -> PowerLaw:
+    """Least squares of log y = log a + b log x."""
+    if len(set(x)) < 2:
+        raise FitError(f"a power law needs at least two distinct x values, got {sorted(set(x))}")
+    X = np.column_stack([np.ones(len(x)), np.log(x)])
+    Y = np.log(y)
+    coef, *_ = np.linalg.lstsq(X, Y, rcond=None)
+    n = len(x)
+    if n > 2:
+        residual = Y - X @ coef
+        cov = residual @ residual / (n - 2) * np.linalg.inv(X.T @ X)
+        sigma_log_a, sigma_b = math.sqrt(cov[0, 0]), math.sqrt(cov[1, 1])
+    else:
+        sigma_log_a = sigma_b = math.nan
+    a = math.exp(coef[0])
+    return PowerLaw(a=a, b=float(coef[1]), sigma_a=a * sigma_log_a, sigma_b=sigma_b, points=n)
+
+
+def best_batches(opts: List[Optimum], count: int) -> List[Optimum]:
+    """At each T, the optima of the `count` batch sizes with the lowest loss."""
+    by_tokens: Dict[int, List[Optimum]] = defaultdict(list)
+    for o in opts:
+        by_tokens[o.tokens].append(o)
+    return [o for group in by_tokens.values() for o in sorted(group, key=lambda o: o.loss)[:count]]
+
+
+def fit_gamma(opts: List[Optimum], count: int = 3) -> Tuple[PowerLaw, List[Optimum]]:
+    """gamma = lr_opt / batch against T over the best `count` batch sizes at each T."""
+    chosen = best_batches(opts, count)
+    return power_law([o.tokens for o in chosen], [o.lr / o.batch for o in chosen]), chosen
+
+
+def transfer_rows(rows: List[dict]) -> List[dict]:
+    """The runs of the (T, batch) with the most (width, muP) combinations, if two widths or more."""
+    groups: Dict[Tuple[int, int], List[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["tokens"], row["batch"])].append(row)
+    best = max(groups.values(), key=lambda g: len({(r["width"], r["mup"]) for r in g}))
+    return best if len({r["width"] for r in best}) >= 2 else []
+
+
+def transfer_shift(rows: List[dict]) -> Dict[bool, Dict[int, int]]:
+    """muP and SP: width -> grid index of its best learning rate."""
+    by_kind: Dict[bool, Dict[int, List[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        by_kind[row["mup"]][row["width"]].append(row)
+    return {mup: {w: optimal_lr([r["lr"] for r in rs], [r["valid_loss"] for r in rs])[3]
+                  for w, rs in sorted(widths.items()) if len(rs) >= 2}
+            for mup, widths in by_kind.items() if len(widths) >= 2}
+
+
+def yaml_fragment(law: PowerLaw, source: Path, seq_length: int, runs: int) -> str:
+    return (f"# Fitted by `megatron-power fit {source}` from {runs} runs: lr_opt / batch = a * T**b,\n"
+            f"# batch in sequences of {seq_length} tokens, T in tokens.\n"
+            f"# a = {law.a:.4g} +- {law.sigma_a:.2g}, b = {law.b:.4f} +- {law.sigma_b:.2g} (standard errors).\n"
+            f"# For sequences of L tokens (same tokens per batch) use a * L / {seq_length}: "
+            f"{law.a * 4096 / seq_length:.4g} at L = 4096.\n"
+            f"schedule:\n  kind: power\n  a: {law.a:.6g}\n  b: {law.b:.6g}\n")
+
+
+def noise_scale_points(rows: List[dict], opts: List[Optimum]) -> List[Tuple[int, int, float]]:
+    """(T, batch, B_simple) of the run nearest each optimum."""
+    result = []
+    for o in opts:
+        group = sorted((r for r in rows if (r["tokens"], r["batch"]) == (o.tokens, o.batch)), key=lambda r: r["lr"])
+        value = group[o.grid_index]["b_simple"] if o.grid_index < len(group) else None
+        if value is not None and value > 0 and math.isfinite(value):
+            result.append((o.tokens, o.batch, value))
+    return result
+
+
+def run(results: Path, out: Path, count: int = 3) -> List[str]:
+    """Every analysis the table supports, as report lines; figures and fit*.yaml written to `out`."""
+    from megatron_power import plots
+
+    rows = read_results(results)
+    done = [r for r in rows if r["status"] in ("finished", "diverged")]
+    if not done:
+        raise FitError(f"{results}: no finished runs yet (statuses: {sorted({r['status'] for r in rows})})")
+    out.mkdir(parents=True, exist_ok=True)
+    families: Dict[Tuple, List[dict]] = defaultdict(list)
+    for row in done:
+        families[family(row)].append(row)
+    lines = [f"{len(done)} of {len(rows)} runs finished or diverged, in {len(families)} famil"
+             f"{'y' if len(families) == 1 else 'ies'}"]
+    seq_length = int(done[0]["seq_length"])
+    for key, members in families.items():
+        label = family_label(key)
+        suffix = "" if len(families) == 1 else "-" + label.replace(", ", "-").replace(" ", "")
+        opts = optima(members)
+        if not opts:
+            lines.append(f"[{label}] no (T, batch) group has two or more learning rates: nothing to fit")
+            continue
+        lines.append(f"[{label}] optimal learning rate per token budget and batch size:")
+        for o in opts:
+            lines.append(f"  T {o.tokens:>12,}  batch {o.batch:>5}  lr_opt {o.lr:.4g}  loss {o.loss:.4f}"
+                         + ("  (at the grid's edge: widen the lr range)" if o.at_edge else ""))
+        plots.plot_lr_sweep(members, opts, out / f"lr_sweep{suffix}.png", label)
+        if len({o.tokens for o in opts}) < 2:
+            lines.append(f"[{label}] one token budget only: a and b need two or more")
+            continue
+        law, chosen = fit_gamma(opts, count)
+        lines.append(f"[{label}] gamma = lr_opt / batch = a * T**b over the best {count} batch sizes at each T "
+                     f"({law.points} points): a = {law.a:.4g} +- {law.sigma_a:.2g}, b = {law.b:.4f} +- {law.sigma_b:.2g}")
+        fragment = out / f"fit{suffix}.yaml"
+        fragment.write_text(yaml_fragment(law, results, seq_length, len(members)))
+        plots.plot_gamma_fit(opts, chosen, law, out / f"gamma_fit{suffix}.png", label)
+        lines.append(f"[{label}] wrote {fragment}")
+        noise = noise_scale_points(members, opts)
+        if len({t for t, _, _ in noise}) >= 2:
+            noise_law = power_law([t for t, _, _ in noise], [b for _, _, b in noise])
+            plots.plot_noise_scale(noise, noise_law, out / f"noise_scale{suffix}.png", label)
+            lines.append(f"[{label}] gradient noise scale at each optimum: B_simple = {noise_law.a:.3g} * T**"
+                         f"{noise_law.b:.2f} +- {noise_law.sigma_b:.2f} sequences (Time Transfer: B_crit grows like T)")
+    transfer = transfer_rows(done)
+    if transfer:
+        tokens, batch = transfer[0]["tokens"], transfer[0]["batch"]
+        for mup, by_width in sorted(transfer_shift(transfer).items(), reverse=True):
+            moved = max(by_width.values()) - min(by_width.values())
+            lines.append(f"muTransfer at T {tokens:,}, batch {batch}, {'muP' if mup else 'SP'}: best lr grid index by "
+                         f"width {by_width}: the optimum moves {moved} grid step{'s' if moved != 1 else ''}")
+        plots.plot_transfer(transfer, out / "mutransfer.png", f"T = {tokens:,} tokens, batch {batch}")
+    lines.append(f"figures in {out}")
+    return lines

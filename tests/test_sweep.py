@@ -1,0 +1,142 @@
+"""Sweeps and fits: a real 2 x 2 grid that is interrupted and resumed, a fit that recovers a known
+power law, and the SLURM array script that a sweep renders."""
+
+import csv
+import json
+import math
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from conftest import BIN, ROOT, write_spec
+
+from megatron_power import fit
+
+def sweep(*args, **popen):
+    return subprocess.Popen([str(BIN / "megatron-power"), "sweep", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_grid_is_interrupted_resumed_and_fitted(default_data, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", tmp_path / "sweeps", {"schedule.lr_max": [0.005, 0.02],
+                                                                     "train.tokens": ["16K", "32K"]})
+    runs = tmp_path / "sweeps" / "grid"
+    first = sweep(spec)
+    deadline = time.time() + 300
+    while not list(runs.glob("*/finished.json")) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+    first.send_signal(signal.SIGINT)
+    out = first.communicate(timeout=120)[0]
+    finished_first = sorted(p.parent.name for p in runs.glob("*/finished.json"))
+    assert first.returncode == 130, out
+    assert 1 <= len(finished_first) < 4, out
+    assert "interrupted: run `megatron-power sweep" in out
+    logs = {name: (runs / name / "train.log").read_text() for name in finished_first}
+
+    second = sweep(spec)
+    out = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, out
+    assert f"4 points, {len(finished_first)} done, {4 - len(finished_first)} to run" in out
+    for name, log in logs.items():  # finished points were not run again
+        assert (runs / name / "train.log").read_text() == log
+    for log in runs.glob("*/train.log"):  # an interrupted point resumed or started over, and finished once
+        assert log.read_text().count("starting ") + log.read_text().count("resumed from") >= 1
+
+    with open(runs / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["point"] for r in rows) == sorted(["lr0.005_T16K", "lr0.005_T32K", "lr0.02_T16K", "lr0.02_T32K"])
+    assert all(r["status"] == "finished" and math.isfinite(float(r["valid_loss"])) for r in rows)
+    assert all(float(r["b_simple"]) > 0 for r in rows)
+    # Longer runs reach a lower loss at every learning rate.
+    loss = {(r["lr"], r["tokens"]): float(r["valid_loss"]) for r in rows}
+    assert loss[("0.005", "32000")] < loss[("0.005", "16000")] and loss[("0.02", "32000")] < loss[("0.02", "16000")]
+
+    result = subprocess.run([str(BIN / "megatron-power"), "fit", str(runs / "results.csv")], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "gamma = lr_opt / batch = a * T**b" in result.stdout
+    for figure in ("lr_sweep.png", "gamma_fit.png", "noise_scale.png"):
+        assert (runs / figure).stat().st_size > 10_000
+    assert "schedule:\n  kind: power\n  a: " in (runs / "fit.yaml").read_text()
+
+
+def synthetic_rows(a, b, noise, rng):
+    """Final losses of a grid whose optimum follows lr_opt = batch * a * T**b: a parabola in log lr
+    around it, a floor that falls with T, and a penalty that makes batch 256 the worst."""
+    rows = []
+    lrs = [1e-4 * 2**k for k in range(11)]
+    for tokens in (1e8, 4e8, 1.6e9, 6.4e9):
+        for batch in (16, 32, 64, 256):
+            optimum = batch * a * tokens**b
+            for lr in lrs:
+                loss = 3 + 20 * tokens**-0.2 + 0.04 * math.log(lr / optimum) ** 2 + 0.05 * (batch == 256)
+                rows.append({"point": f"{tokens}-{batch}-{lr}", "status": "finished", "tokens": int(tokens),
+                             "batch": batch, "lr": lr, "width": 256, "mup": True, "seq_length": 4096,
+                             "valid_loss": loss + rng.normal(0, noise), "b_simple": None})
+    return rows
+
+
+def test_fit_recovers_a_known_power_law(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = synthetic_rows(4.6, -0.51, noise=0.003, rng=rng)
+    law, chosen = fit.fit_gamma(fit.optima(rows), count=3)
+    assert {o.batch for o in chosen} == {16, 32, 64}  # the paper's best-3 batch sizes
+    assert law.b == pytest.approx(-0.51, abs=0.02)
+    assert law.a == pytest.approx(4.6, rel=0.25)
+    assert abs(law.b + 0.51) < 3 * law.sigma_b + 1e-3
+    assert 0 < law.sigma_b < 0.02
+
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = fit.run(path, tmp_path / "out")
+    assert any(f"b = {law.b:.4f}" in line for line in lines)
+    fragment = (tmp_path / "out" / "fit.yaml").read_text()
+    assert f"b: {law.b:.6g}" in fragment
+    from omegaconf import OmegaConf
+    assert OmegaConf.create(fragment).schedule.a == pytest.approx(law.a, rel=1e-5)
+
+
+def test_optimum_at_the_edge_is_flagged_and_divergence_counts_as_worst():
+    lr, loss, at_edge, index = fit.optimal_lr([0.01, 0.02, 0.04], [3.0, 3.1, 3.2])
+    assert (lr, at_edge, index) == (0.01, True, 0)
+    lr, loss, at_edge, index = fit.optimal_lr([0.01, 0.02, 0.04, 0.08], [3.2, 3.0, 3.1, math.inf])
+    assert not at_edge and index == 1 and 0.01 < lr < 0.04
+
+
+def test_bad_results_table_is_refused(tmp_path):
+    bad = tmp_path / "results.csv"
+    bad.write_text("point,lr\nx,0.1\n")
+    result = subprocess.run([str(BIN / "megatron-power"), "fit", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "missing ['batch', 'mup', 'tokens', 'valid_loss', 'width']" in result.stderr
+
+
+def test_bad_spec_is_refused_before_any_run(default_data, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", tmp_path / "sweeps", {"schedule.lr_maxx": [0.01, 0.02]})
+    result = sweep(spec)
+    out = result.communicate(timeout=120)[0]
+    assert result.returncode == 2
+    assert "error: override: unknown key 'schedule.lr_maxx'; did you mean 'schedule.lr_max'? (lr_maxx0.01 and 1 more points)" in out
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_slurm_array_skips_finished_points(default_data, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", tmp_path / "sweeps", {"schedule.lr_max": [0.005, 0.01, 0.02]})
+    done = tmp_path / "sweeps" / "grid" / "lr0.005"
+    done.mkdir(parents=True)
+    (done / "finished.json").write_text(json.dumps({"step": 1}))
+    result = sweep(spec, "--slurm", "--cpu", "--dry-run", "--max-running", "2", "--time", "10")
+    script = result.communicate(timeout=120)[0]
+    assert result.returncode == 0, script
+    assert "#SBATCH --array=1,2%2" in script
+    assert "#SBATCH --ntasks-per-node=1" in script
+    points = (tmp_path / "sweeps" / "grid" / "points.txt").read_text().splitlines()
+    assert points[1].startswith("lr0.01 ") and "schedule.lr_max=0.01" in points[1]
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
