@@ -21,10 +21,11 @@ else
 LAUNCH := $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m megatron_power.cli
 endif
 
-.PHONY: setup setup-dev data train submit convert test bench clean-venv
+.PHONY: setup setup-dev setup-plot data train submit sweep convert test bench clean-venv
 
 setup: $(VENV)/.installed-base
 setup-dev: $(VENV)/.installed-dev
+setup-plot: $(VENV)/.installed-plot
 
 $(VENV)/.installed-torch:
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
@@ -41,6 +42,10 @@ $(VENV)/.installed-base: pyproject.toml $(VENV)/.installed-torch
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-base
 	$(BIN)/pip install -q $(PIP_EXTRA) -e ".[dev]"
+	@touch $@
+
+$(VENV)/.installed-plot: pyproject.toml $(VENV)/.installed-base
+	$(BIN)/pip install -q $(PIP_EXTRA) -e ".[plot]"
 	@touch $@
 
 data: setup
@@ -60,6 +65,13 @@ submit: setup
 		$(if $(TIME),--time $(TIME)) $(if $(filter-out undefined,$(origin CONTAINER)),--container "$(CONTAINER)") \
 		$(if $(CONTAINER_MOUNTS),--container-mounts "$(CONTAINER_MOUNTS)") $(if $(CPU),--cpu) \
 		$(if $(SIGNAL_LEAD),--signal-lead $(SIGNAL_LEAD)) $(if $(DRY_RUN),--dry-run) $(ARGS)
+
+# make sweep [SPEC=proxy_lr_batch] [ARGS="--jobs 4" | ARGS="--slurm --partition p --time 1:00:00"]
+# Runs the grid (again: finished points are skipped), writes results.csv, then fits and plots it.
+SPEC ?= proxy_lr_batch
+sweep: setup-plot
+	$(MP) data
+	$(MP) sweep $(SPEC) $(ARGS)
 
 # make convert CKPT=runs/proxy/checkpoints OUT=hf/proxy [ARGS="--dtype fp32 --verify"]
 convert: setup-dev

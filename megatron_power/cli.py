@@ -203,21 +203,23 @@ def _sweep(args) -> int:
     processes = args.gpus_per_node if args.slurm else 1
     grid = sweep.check(spec, world_size=processes)
     if args.collect:
-        print(f"wrote {sweep.collect(spec, grid)}")
-        return 0
+        results = sweep.collect(spec, grid)
+        print(f"wrote {results}")
+        return _fit_when_complete(spec, grid, results)
     if args.slurm:
         from megatron_power.submit import Submission, submit
 
         todo = [p.index for p in grid if sweep.status(spec.dir / p.name) in ("pending", "started")]
         if not todo:
-            print(f"every point of {spec.name} is done; wrote {sweep.collect(spec, grid)}")
-            return 0
+            results = sweep.collect(spec, grid)
+            print(f"every point of {spec.name} is done; wrote {results}")
+            return _fit_when_complete(spec, grid, results)
         rc = submit(Submission(
             recipe=spec.recipe, overrides=spec.overrides + [f"out_dir={spec.dir}"], nodes=1,
             gpus_per_node=processes, cpu=args.cpu, cpus_per_task=args.cpus_per_task, partition=args.partition,
             account=args.account, time=args.time, container=args.container, container_mounts=args.container_mounts,
             signal_lead=args.signal_lead, job_name=spec.name, log_dir=Path(args.log_dir).absolute(),
-            array=",".join(map(str, todo)) + (f"%{args.max_running}" if args.max_running else ""),
+            array=sweep.array_indices(todo) + (f"%{args.max_running}" if args.max_running else ""),
             points_file=sweep.write_points_file(spec, grid)), dry_run=args.dry_run)
         if rc == 0 and not args.dry_run:
             print(f"{len(todo)} of {len(grid)} points submitted; when they are done: "
@@ -232,7 +234,28 @@ def _sweep(args) -> int:
     if counts.get("pending") or counts.get("started"):
         print(f"interrupted: run `megatron-power sweep {args.spec}` again to continue where it stopped")
         return 130
-    return 1 if counts.get("failed") else 0
+    if counts.get("failed"):
+        return 1
+    return _fit_when_complete(spec, grid, results)
+
+
+def _fit_when_complete(spec, grid, results) -> int:
+    """Once every point is done, `fit` on the table (where matplotlib is installed)."""
+    from megatron_power import fit, sweep
+
+    if any(sweep.status(spec.dir / p.name) not in ("finished", "diverged") for p in grid):
+        return 0
+    try:
+        import matplotlib  # noqa: F401  (the figures need it; `make sweep` installs it)
+    except ImportError:
+        print(f"every point is done: `megatron-power fit {results}` fits and plots them (needs matplotlib)")
+        return 0
+    try:
+        print("\n".join(fit.run(results, results.parent)))
+    except fit.FitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _fit(args) -> int:

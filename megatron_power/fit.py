@@ -132,6 +132,22 @@ def power_law(x: List[float], y: List[float]) -> PowerLaw:
     return PowerLaw(a=a, b=float(coef[1]), sigma_a=a * sigma_log_a, sigma_b=sigma_b, points=n)
 
 
+def slope_within_batches(opts: List[Optimum]) -> Tuple[float, float]:
+    """b of gamma ~ T**b with its own intercept per batch size, and its standard error: the trend
+    in T alone, where lr_opt does not scale linearly with batch (small proxies) and pooling the
+    batch sizes mixes that in."""
+    batches = sorted({o.batch for o in opts})
+    X = np.array([[float(o.batch == b) for b in batches] + [math.log(o.tokens)] for o in opts])
+    Y = np.log([o.lr / o.batch for o in opts])
+    dof = len(opts) - X.shape[1]
+    if dof < 1 or np.linalg.matrix_rank(X) < X.shape[1]:
+        return math.nan, math.nan
+    coef, *_ = np.linalg.lstsq(X, Y, rcond=None)
+    residual = Y - X @ coef
+    cov = residual @ residual / dof * np.linalg.inv(X.T @ X)
+    return float(coef[-1]), math.sqrt(cov[-1, -1])
+
+
 def best_batches(opts: List[Optimum], count: int) -> List[Optimum]:
     """At each T, the optima of the `count` batch sizes with the lowest loss."""
     by_tokens: Dict[int, List[Optimum]] = defaultdict(list)
@@ -218,6 +234,10 @@ def run(results: Path, out: Path, count: int = 3) -> List[str]:
         law, chosen = fit_gamma(opts, count)
         lines.append(f"[{label}] gamma = lr_opt / batch = a * T**b over the best {count} batch sizes at each T "
                      f"({law.points} points): a = {law.a:.4g} +- {law.sigma_a:.2g}, b = {law.b:.4f} +- {law.sigma_b:.2g}")
+        b_within, sigma_within = slope_within_batches(opts)
+        if math.isfinite(b_within):
+            lines.append(f"[{label}] b with an intercept per batch size (the trend in T alone): "
+                         f"{b_within:.4f} +- {sigma_within:.2g}")
         fragment = out / f"fit{suffix}.yaml"
         fragment.write_text(yaml_fragment(law, results, seq_length, len(members)))
         plots.plot_gamma_fit(opts, chosen, law, out / f"gamma_fit{suffix}.png", label)

@@ -51,6 +51,15 @@ def _tokens(n: int) -> str:
                  if n >= size), str(n))
 
 
+def _lr_axis(ax, lrs) -> None:
+    """A log lr axis labelled at the grid's own values."""
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(set(lrs)))
+    ax.set_xticklabels([f"{lr:g}" for lr in sorted(set(lrs))], rotation=45)
+    ax.minorticks_off()
+    ax.set_xlabel("learning rate")
+
+
 def plot_lr_sweep(rows, optima, path, label: str) -> None:
     """Final validation loss against lr, a panel per token budget and a line per batch size."""
     plt = _pyplot()
@@ -66,8 +75,7 @@ def plot_lr_sweep(rows, optima, path, label: str) -> None:
             for o in optima:
                 if (o.tokens, o.batch) == (tokens, batch):
                     ax.plot(o.lr, o.loss, "*", color=f"C{i}", markersize=14, markeredgecolor="k")
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
+        _lr_axis(ax, [r["lr"] for r in rows])
         ax.set_title(f"T = {_tokens(tokens)} tokens")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("final validation loss")
@@ -86,13 +94,19 @@ def plot_gamma_fit(optima, chosen, law, path, label: str) -> None:
         ax.plot([o.tokens for o in mine], [o.lr / o.batch for o in mine], "o", mfc="none", color=f"C{i}")
         picked = [o for o in chosen if o.batch == batch]
         ax.plot([o.tokens for o in picked], [o.lr / o.batch for o in picked], "o", color=f"C{i}", label=f"batch {batch}")
-    t = np.geomspace(min(o.tokens for o in optima), max(o.tokens for o in optima), 50)
-    ax.plot(t, law.a * t ** law.b, "k--", label=f"fit: {law.a:.3g} T^{law.b:.3f} (b +- {law.sigma_b:.2g})")
+    _finish_power_law(fig, ax, [o.tokens for o in optima], law, f"fit: {law.a:.3g} T^{law.b:.3f} (b +- {law.sigma_b:.2g})",
+                      "gamma = lr_opt / batch", f"{label}: filled points are the best batch sizes at each T", path)
+
+
+def _finish_power_law(fig, ax, tokens, law, fit_label: str, ylabel: str, title: str, path) -> None:
+    """The fitted line over the data's range, log-log axes against T, and the file."""
+    t = np.geomspace(min(tokens), max(tokens), 50)
+    ax.plot(t, law.a * t ** law.b, "k--", label=fit_label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("token budget T")
-    ax.set_ylabel("gamma = lr_opt / batch")
-    ax.set_title(f"{label}: filled points are the best batch sizes at each T")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
@@ -105,16 +119,8 @@ def plot_noise_scale(points, law, path, label: str) -> None:
     for i, batch in enumerate(sorted({b for _, b, _ in points})):
         mine = [(t, v) for t, b, v in points if b == batch]
         ax.plot(*zip(*mine), "o", color=f"C{i}", label=f"batch {batch}")
-    t = np.geomspace(min(p[0] for p in points), max(p[0] for p in points), 50)
-    ax.plot(t, law.a * t ** law.b, "k--", label=f"fit: B_simple ~ T^{law.b:.2f}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("token budget T")
-    ax.set_ylabel("gradient noise scale B_simple (sequences)")
-    ax.set_title(f"{label}: critical batch size estimate")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish_power_law(fig, ax, [p[0] for p in points], law, f"fit: B_simple ~ T^{law.b:.2f}",
+                      "gradient noise scale B_simple (sequences)", f"{label}: critical batch size estimate", path)
 
 
 def plot_transfer(rows, path, title: str) -> None:
@@ -130,8 +136,7 @@ def plot_transfer(rows, path, title: str) -> None:
                 ax.plot(*zip(*run), "o-", color=f"C{i}", label=f"width {width}")
                 best = min(run, key=lambda p: p[1])
                 ax.plot(*best, "*", color=f"C{i}", markersize=14, markeredgecolor="k")
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
+        _lr_axis(ax, [r["lr"] for r in rows])
         ax.set_title("muP" if mup else "standard parametrization")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

@@ -308,6 +308,17 @@ def run_local(spec: SweepSpec, grid: List[Point], cpu_only: bool = False) -> Dic
     return LocalRunner(spec, jobs, spec.threads, gpus).run(todo)
 
 
+def array_indices(indices: List[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8' (SLURM's --array syntax)."""
+    runs: List[List[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def write_points_file(spec: SweepSpec, grid: List[Point]) -> Path:
     """One line per point, `<name> <override> ...`: a job array's task i runs line i + 1."""
     path = spec.dir / "points.txt"

@@ -89,6 +89,8 @@ def test_fit_recovers_a_known_power_law(tmp_path):
     assert law.a == pytest.approx(4.6, rel=0.25)
     assert abs(law.b + 0.51) < 3 * law.sigma_b + 1e-3
     assert 0 < law.sigma_b < 0.02
+    b_within, sigma_within = fit.slope_within_batches(fit.optima(rows))
+    assert b_within == pytest.approx(-0.51, abs=0.02) and 0 < sigma_within < 0.02
 
     path = tmp_path / "results.csv"
     with open(path, "w", newline="") as f:
@@ -128,14 +130,14 @@ def test_bad_spec_is_refused_before_any_run(default_data, tmp_path):
 
 
 def test_slurm_array_skips_finished_points(default_data, tmp_path):
-    spec = write_spec(tmp_path / "spec.yaml", tmp_path / "sweeps", {"schedule.lr_max": [0.005, 0.01, 0.02]})
+    spec = write_spec(tmp_path / "spec.yaml", tmp_path / "sweeps", {"schedule.lr_max": [0.005, 0.01, 0.02, 0.04]})
     done = tmp_path / "sweeps" / "grid" / "lr0.005"
     done.mkdir(parents=True)
     (done / "finished.json").write_text(json.dumps({"step": 1}))
     result = sweep(spec, "--slurm", "--cpu", "--dry-run", "--max-running", "2", "--time", "10")
     script = result.communicate(timeout=120)[0]
     assert result.returncode == 0, script
-    assert "#SBATCH --array=1,2%2" in script
+    assert "#SBATCH --array=1-3%2" in script
     assert "#SBATCH --ntasks-per-node=1" in script
     points = (tmp_path / "sweeps" / "grid" / "points.txt").read_text().splitlines()
     assert points[1].startswith("lr0.01 ") and "schedule.lr_max=0.01" in points[1]
