@@ -171,14 +171,21 @@ def transfer_rows(rows: List[dict]) -> List[dict]:
     return best if len({r["width"] for r in best}) >= 2 else []
 
 
-def transfer_shift(rows: List[dict]) -> Dict[bool, Dict[int, int]]:
-    """muP and SP: width -> grid index of its best learning rate."""
+def transfer_shift(rows: List[dict]) -> Dict[bool, Dict[int, Tuple[int, bool]]]:
+    """muP and SP: width -> (grid index of its best learning rate, whether at the grid's edge)."""
     by_kind: Dict[bool, Dict[int, List[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         by_kind[row["mup"]][row["width"]].append(row)
-    return {mup: {w: optimal_lr([r["lr"] for r in rs], [r["valid_loss"] for r in rs])[3]
-                  for w, rs in sorted(widths.items()) if len(rs) >= 2}
-            for mup, widths in by_kind.items() if len(widths) >= 2}
+    result = {}
+    for mup, widths in by_kind.items():
+        best = {}
+        for width, runs in sorted(widths.items()):
+            if len(runs) >= 2:
+                _, _, at_edge, index = optimal_lr([r["lr"] for r in runs], [r["valid_loss"] for r in runs])
+                best[width] = (index, at_edge)
+        if len(best) >= 2:
+            result[mup] = best
+    return result
 
 
 def yaml_fragment(law: PowerLaw, source: Path, seq_length: int, runs: int) -> str:
@@ -252,9 +259,12 @@ def run(results: Path, out: Path, count: int = 3) -> List[str]:
     if transfer:
         tokens, batch = transfer[0]["tokens"], transfer[0]["batch"]
         for mup, by_width in sorted(transfer_shift(transfer).items(), reverse=True):
-            moved = max(by_width.values()) - min(by_width.values())
+            indices = {w: i for w, (i, _) in by_width.items()}
+            moved = max(indices.values()) - min(indices.values())
+            edge = [w for w, (_, at_edge) in by_width.items() if at_edge]
             lines.append(f"muTransfer at T {tokens:,}, batch {batch}, {'muP' if mup else 'SP'}: best lr grid index by "
-                         f"width {by_width}: the optimum moves {moved} grid step{'s' if moved != 1 else ''}")
+                         f"width {indices}: the optimum moves {moved} grid step{'s' if moved != 1 else ''}"
+                         + (f" (at the grid's edge for widths {edge}: widen the lr range)" if edge else ""))
         plots.plot_transfer(transfer, out / "mutransfer.png", f"T = {tokens:,} tokens, batch {batch}")
     lines.append(f"figures in {out}")
     return lines

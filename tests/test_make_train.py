@@ -20,7 +20,7 @@ def test_make_train_on_a_fresh_clone(tmp_path):
     # (the clone's files are newer than its install stamps).
     venv = os.path.dirname(os.path.dirname(sys.executable))
     env = {**os.environ, "PYTHONPATH": str(clone)}
-    args = "train.tokens=500K model.hidden_size=128 model.ffn_hidden_size=384 train.eval_interval=1000"
+    args = "train.tokens=300K model.hidden_size=128 model.ffn_hidden_size=384 train.eval_interval=1000"
     result = subprocess.run(["make", "train", f"VENV={venv}", f"ARGS={args}", "-o", f"{venv}/.installed-base",
                              "-o", f"{venv}/.installed-torch"], cwd=clone, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -142,3 +142,18 @@ def test_slurm_array_skips_finished_points(default_data, tmp_path):
     points = (tmp_path / "sweeps" / "grid" / "points.txt").read_text().splitlines()
     assert points[1].startswith("lr0.01 ") and "schedule.lr_max=0.01" in points[1]
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_transfer_shift_counts_grid_steps():
+    # muP: the optimum stays at 0.01 for every width; SP: it halves with each doubling of width.
+    rows = []
+    lrs = [0.0025 * 2**k for k in range(6)]
+    for mup in (True, False):
+        for i, width in enumerate((64, 128, 256)):
+            optimum = 0.01 if mup else 0.02 / 2**i
+            rows += [{"tokens": 100, "batch": 16, "width": width, "mup": mup, "lr": lr,
+                      "valid_loss": 5 + (math.log(lr / optimum)) ** 2} for lr in lrs]
+    shifts = fit.transfer_shift(fit.transfer_rows(rows))
+    assert {w: i for w, (i, _) in shifts[True].items()} == {64: 2, 128: 2, 256: 2}
+    assert {w: i for w, (i, _) in shifts[False].items()} == {64: 3, 128: 2, 256: 1}
+    assert not any(edge for by_width in shifts.values() for _, edge in by_width.values())
