@@ -159,7 +159,8 @@ def _changed_keys(saved: str, current: str) -> List[str]:
                 yield f"{prefix}{k}", v
 
     a, b = dict(flat(OmegaConf.to_container(OmegaConf.create(saved)))), dict(flat(OmegaConf.to_container(OmegaConf.create(current))))
-    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    # out_dir may be spelled absolute (a SLURM job's) or relative (here): the directory is the same.
+    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "out_dir"]
 
 
 def check(spec: SweepSpec, world_size: int = 1, check_paths: bool = True) -> List[Point]:

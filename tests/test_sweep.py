@@ -157,3 +157,22 @@ def test_transfer_shift_counts_grid_steps():
     assert {w: i for w, (i, _) in shifts[True].items()} == {64: 2, 128: 2, 256: 2}
     assert {w: i for w, (i, _) in shifts[False].items()} == {64: 3, 128: 2, 256: 1}
     assert not any(edge for by_width in shifts.values() for _, edge in by_width.values())
+
+
+def test_point_directory_of_another_config_is_refused(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from megatron_power import sweep
+    from megatron_power.config import ConfigError, to_yaml
+
+    monkeypatch.chdir(tmp_path)  # the spec's relative out_dir lands here
+    spec = sweep.load_spec(str(write_spec(tmp_path / "spec.yaml", "runs/sweeps", {"schedule.lr_max": [0.01, 0.02]})))
+    config = sweep.point_config(spec, sweep.points(spec)[0], check_paths=False)
+    config.run_dir.mkdir(parents=True)
+    # As a SLURM job writes it (an absolute out_dir): the same point.
+    (config.run_dir / "config.yaml").write_text(to_yaml(replace(config, out_dir=str(spec.dir.parent.absolute()))))
+    sweep.check(spec, check_paths=False)
+    changed = replace(config, train=replace(config.train, eval_batches=7))
+    (config.run_dir / "config.yaml").write_text(to_yaml(changed))
+    with pytest.raises(ConfigError, match=r"was run with another config \(train.eval_batches: 7 -> 4\)"):
+        sweep.check(spec, check_paths=False)
