@@ -3,10 +3,10 @@
 A randomly initialised checkpoint of dense3b's shape (all 40 layers, or fewer with --layers on a
 small machine; every tensor keeps its full size) is converted with `convert to-hf --dtype bf16`.
 Printed: wall time against `cp -r` of the checkpoint (both followed by sync, both with the
-checkpoint in the page cache), and the converter's peak resident memory against the
-checkpoint's size.
+checkpoint in the page cache; best of --repeats runs, alternating), and the converter's peak
+resident memory against the checkpoint's size.
 
-usage: python bench/convert.py [--layers 40] [--workdir bench/convert-work]
+usage: python bench/convert.py [--layers 40] [--repeats 3] [--workdir bench/convert-work]
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=40)
     p.add_argument("--workdir", type=Path, default=ROOT / "bench" / "convert-work")
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--make-checkpoint", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.make_checkpoint:
@@ -70,11 +71,23 @@ def main():
     source = next(ckpt.glob("iter_*"))
     size = size_gib(source)
     subprocess.run(["cat", *map(str, source.iterdir())], stdout=subprocess.DEVNULL, check=True)  # page cache
-    copy_s, _ = timed(["cp", "-r", str(source), str(work / "copy")])
-    convert_s, peak = timed([str(BIN / "megatron-power"), "convert", "to-hf", str(ckpt), str(work / "hf"),
-                             "--dtype", "bf16"])
-    print(f"dense3b shape, {args.layers} layers: checkpoint {size:.2f} GiB (fp32), written {size_gib(work / 'hf'):.2f} GiB (bf16)")
-    print(f"copy {copy_s:.1f} s, convert {convert_s:.1f} s: time ratio {convert_s / copy_s:.2f} (target < 2)")
+    copies, converts, peaks = [], [], []
+    for _ in range(args.repeats):  # alternating, so that both see the same disk and cache weather
+        seconds, _ = timed(["cp", "-r", str(source), str(work / "copy")])
+        copies.append(seconds)
+        shutil.rmtree(work / "copy")
+        seconds, peak = timed([str(BIN / "megatron-power"), "convert", "to-hf", str(ckpt), str(work / "hf"),
+                               "--dtype", "bf16"])
+        converts.append(seconds)
+        peaks.append(peak)
+        written = size_gib(work / "hf")
+        shutil.rmtree(work / "hf")
+        os.sync()
+    copy_s, convert_s, peak = min(copies), min(converts), max(peaks)
+    print(f"dense3b shape, {args.layers} layers: checkpoint {size:.2f} GiB (fp32), written {written:.2f} GiB (bf16)")
+    print(f"copy {' '.join(f'{s:.1f}' for s in copies)} s, convert {' '.join(f'{s:.1f}' for s in converts)} s")
+    print(f"best of {args.repeats}: copy {copy_s:.1f} s, convert {convert_s:.1f} s: "
+          f"time ratio {convert_s / copy_s:.2f} (target < 2)")
     print(f"convert peak resident memory {peak:.2f} GiB: {peak / size:.2f} x the checkpoint (target < 1.5)")
     shutil.rmtree(work)
 

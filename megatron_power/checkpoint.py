@@ -15,8 +15,11 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+
+# Megatron-Core is imported by the functions that save and load tensors; finding a checkpoint
+# and reading its saved state (all `convert to-hf` needs of this module) does without it.
 
 LATEST = "latest"
 # Optimizer state in the canonical per-parameter form, so a checkpoint can be loaded into a
@@ -54,6 +57,8 @@ def save(root: Path, step: int, model, optimizer, state: dict, keep: int) -> Pat
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+    from megatron.core import dist_checkpointing
+
     dist.barrier()
     dist_checkpointing.save(_sharded_state_dict(model, optimizer, state, is_loading=False), str(tmp))
     dist.barrier()
@@ -104,6 +109,8 @@ def resolve(path: Path) -> Path:
 def load(path: Path, model, optimizer) -> dict:
     """Load model (and, unless `optimizer` is None, optimizer) state in place; return the saved
     state (training progress and config)."""
+    from megatron.core import dist_checkpointing
+
     sharded = _sharded_state_dict(model, optimizer, None, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(path))
     _core(model).load_state_dict(loaded["model"])
@@ -114,7 +121,12 @@ def load(path: Path, model, optimizer) -> dict:
 
 def saved_state(path: Path) -> dict:
     """The state saved beside the tensors (training progress, config), read without loading them."""
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    # Megatron's `torch` common backend keeps the non-tensor state in one torch.save file.
+    common_file = path / "common.pt"
+    if not common_file.is_file():
+        raise CheckpointError(f"{path} has no common.pt (expected a dist_checkpointing directory saved by "
+                              f"megatron-power)")
+    common = torch.load(common_file, map_location="cpu")
     state = common.get("state") if isinstance(common, dict) else None
     if not isinstance(state, dict) or "config" not in state:
         raise CheckpointError(f"{path} is not a megatron-power checkpoint (its common state holds no config)")

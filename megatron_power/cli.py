@@ -288,6 +288,9 @@ def _convert(args) -> int:
         if args.direction == "to-hf":
             from megatron_power.convert import to_hf
 
+            if not args.max_shard_gb > 0:
+                raise ConversionError(f"--max-shard-gb {args.max_shard_gb:g} (expected a positive size in GiB)")
+
             to_hf.convert(Path(args.ckpt), Path(args.out), args.dtype, args.verify, args.overwrite,
                           Path(args.tokenizer) if args.tokenizer else None, int(args.max_shard_gb * 2**30))
         else:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional
 
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.optimizer import ParamKey, get_standard_config_overrides
-from megatron.core.optimizer.optimizer_config import ParamPredicate
+# Megatron-Core is imported inside the two functions that hook into it: the multipliers alone
+# are what `convert to-hf` needs, and importing Megatron-Core costs it seconds.
 
 
 def width_mult(config) -> float:
@@ -67,6 +66,7 @@ def init_std(key: str, config) -> float:
 
 def scaled_bias_dropout_add(multiplier: float):
     """A bias-dropout-add spec entry that scales the block output before it joins the residual."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
     def bias_dropout_add(training, fused):
         inner = get_bias_dropout_add(training, fused)
@@ -108,6 +108,9 @@ def _is_hidden_matrix(param) -> bool:
 def optimizer_overrides(config, optimizer_config) -> Dict:
     """Megatron's standard groups (no weight decay on norms and biases) plus, with muP, hidden
     matrices (attention, MLP, experts, router) at lr / m_width."""
+    from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+    from megatron.core.optimizer.optimizer_config import ParamPredicate
+
     overrides = get_standard_config_overrides(optimizer_config)
     m_width = width_mult(config)
     if m_width != 1.0:

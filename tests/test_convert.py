@@ -103,13 +103,19 @@ def imported(exported, tmp_path_factory):
 def test_hf_megatron_hf_is_bit_exact(exported, imported, tmp_path, name):
     from safetensors.torch import load_file
 
+    from transformers import AutoModelForCausalLM
+
     first, second = exported[name][0], tmp_path / "second"
-    convert("to-hf", imported[name], second, "--dtype", DTYPES[name])
+    # The way back again, in shards of at most 256 KiB: many files and one index.
+    convert("to-hf", imported[name], second, "--dtype", DTYPES[name], "--max-shard-gb", 2**-12)
+    assert len(list(second.glob("*.safetensors"))) > 2
     a = {k: v for f in first.glob("*.safetensors") for k, v in load_file(f).items()}
     b = {k: v for f in second.glob("*.safetensors") for k, v in load_file(f).items()}
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    loaded = AutoModelForCausalLM.from_pretrained(str(second), dtype=torch.float32).state_dict()
+    assert torch.equal(loaded["model.embed_tokens.weight"], a["model.embed_tokens.weight"].float())
     assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
     assert json.loads((first / "config.json").read_text()) == json.loads((second / "config.json").read_text())
 
@@ -140,6 +146,9 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(exported, tmp_path, cap
     code, err = _main(capsys, "to-hf", tmp_path, out)
     assert code == 2 and "holds no checkpoint" in err and not out.exists()
 
+    code, err = _main(capsys, "to-hf", exported["tp2-dense"][0], out, "--max-shard-gb", "0")
+    assert code == 2 and "--max-shard-gb 0 (expected a positive size in GiB)" in err and not out.exists()
+
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
@@ -160,6 +169,20 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(exported, tmp_path, cap
 
     code, err = _main(capsys, "from-hf", tmp_path / "missing", out)
     assert code == 2 and "is not a directory" in err
+
+
+def test_truncated_checkpoint_fails_with_one_line_and_writes_nothing(trained, tmp_path, capsys):
+    import shutil
+
+    source = next((trained["tp2-dense"][0] / "checkpoints").glob("iter_*"))
+    damaged = tmp_path / source.name
+    shutil.copytree(source, damaged)
+    largest = max(damaged.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(largest.stat().st_size // 2)
+    code, err = _main(capsys, "to-hf", damaged, tmp_path / "out")
+    assert code == 2 and f"{largest} is missing or shorter than" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))
 
 
 def test_failed_import_leaves_nothing_behind(exported, tmp_path):

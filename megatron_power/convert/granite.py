@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -89,15 +89,19 @@ def canonical_hf_name(name: str) -> str:
     return name
 
 
-def to_hf(entry: Entry, tensor: torch.Tensor, model_config, vocab_size: int) -> List[torch.Tensor]:
-    """One layer's (or a global) Megatron tensor -> its Hugging Face tensors, in `entry.hf` order."""
+def to_hf(entry: Entry, rows: Callable[[int, Optional[int]], torch.Tensor], model_config,
+          vocab_size: int) -> List[torch.Tensor]:
+    """One layer's (or a global) Megatron tensor -> its Hugging Face tensors, in `entry.hf` order.
+    `rows(start, stop)` reads those rows of the Megatron tensor, so that a Hugging Face tensor
+    made of some of its rows costs a read of those rows alone."""
     if entry.kind == "qkv":
-        return list(split_qkv(tensor, *_heads(model_config)))
+        return list(split_qkv(rows(0, None), *_heads(model_config)))
     if entry.kind == "glu":
-        return list(tensor.chunk(2, dim=0))
+        ffn = model_config.ffn_hidden_size
+        return [rows(0, ffn), rows(ffn, 2 * ffn)]
     if entry.kind == "vocab":
-        return [tensor[:vocab_size]]
-    return [tensor]
+        return [rows(0, vocab_size)]
+    return [rows(0, None)]
 
 
 def from_hf(entry: Entry, tensors: List[torch.Tensor], model_config, padded_vocab: int) -> torch.Tensor:

@@ -1,26 +1,28 @@
 """`convert to-hf`: a checkpoint saved under any TP / PP / EP layout -> a Hugging Face directory.
 
-Tensors are read one checkpoint key at a time (dist_checkpointing reassembles the shards of
-every layout into the global tensor) and written into safetensors shards as they come, so
-memory holds one key's tensor plus one shard, not the model.
+Each Hugging Face tensor is read from the page cache as the rows of one layer of a checkpoint
+key (assembled from the chunks of whatever layout saved it) and cast straight into its place
+in a memory-mapped safetensors shard, so memory holds at most one key's layer and one shard.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
 from megatron_power import checkpoint
 from megatron_power.config import Config, ParallelConfig, PrecisionConfig, from_yaml
-from megatron_power.convert import granite
+from megatron_power.convert import granite, safetensors_shards
 from megatron_power.convert.granite import ConversionError
 from megatron_power.convert.output import check_writable, staged
+from megatron_power.convert.torch_dist import TorchDistCheckpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Largest relative logit difference `--verify` accepts. Both models hold the same (rounded)
@@ -67,69 +69,36 @@ def single_process(config: Config) -> Config:
     return replace(config, parallel=ParallelConfig(), precision=PrecisionConfig())
 
 
-def megatron_tensors(source: Source) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(Hugging Face name, tensor) for every tensor of the model, one checkpoint key at a time."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
+def checked_reader(source: Source) -> TorchDistCheckpoint:
+    """The checkpoint's tensors, once it is known to hold every tensor the config describes."""
+    backend = json.loads((source.path / "metadata.json").read_text()).get("sharded_backend")
+    if backend != "torch_dist":
+        raise ConversionError(f"{source.path} is a {backend} checkpoint (expected torch_dist, "
+                              f"the format megatron-power saves)")
+    reader = TorchDistCheckpoint(source.path)
     m = source.config.model
-    metadata = dist_checkpointing.load_tensors_metadata(str(source.path))
     entries = granite.table(m)
-    missing = [e.megatron for e in entries if e.megatron not in metadata]
+    missing = [e.megatron for e in entries if e.megatron not in reader.tensors]
     if missing:
         raise ConversionError(f"{source.path} lacks {', '.join(missing)} (expected the tensors of a "
                               f"{'MoE' if m.num_experts else 'dense'} GPT model as its config describes)")
     for entry in entries:
-        meta = metadata[entry.megatron]
-        if entry.per_layer and meta.global_shape[0] != m.num_layers:
-            raise ConversionError(f"{entry.megatron} holds {meta.global_shape[0]} layers; the config says "
-                                  f"{m.num_layers}")
-        request = ShardedTensor.from_rank_offsets(
-            entry.megatron, torch.empty(meta.global_shape, dtype=meta.dtype), replica_id=0)
-        full = dist_checkpointing.load({"t": request}, str(source.path))["t"]
+        layers = reader.shape(entry.megatron)[0]
+        if entry.per_layer and layers != m.num_layers:
+            raise ConversionError(f"{entry.megatron} holds {layers} layers; the config says {m.num_layers}")
+    return reader
+
+
+def hf_tensors(source: Source, reader: TorchDistCheckpoint, meta: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) for every tensor of the model, in the order they are written;
+    with `meta`, shapes only."""
+    m = source.config.model
+    for entry in granite.table(m):
         for layer in range(m.num_layers) if entry.per_layer else [None]:
-            tensor = full if layer is None else full[layer]
-            yield from zip(granite.hf_names(entry, layer), granite.to_hf(entry, tensor, m, source.vocab_size))
-        del full
+            def rows(start, stop, entry=entry, layer=layer):
+                return reader.read(entry.megatron, layer, start, stop, meta=meta)
 
-
-class SafetensorsShards:
-    """Tensors written into safetensors files of at most `max_bytes` each, plus the index."""
-
-    def __init__(self, out: Path, dtype: torch.dtype, max_bytes: int):
-        self.out, self.dtype, self.max_bytes = out, dtype, max_bytes
-        self.pending: Dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list = []  # one name list per written shard
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        copy = torch.empty(tensor.shape, dtype=self.dtype)
-        copy.copy_(tensor)  # a contiguous copy of its own: the source may be a view of a whole key
-        self.pending[name] = copy
-        self.pending_bytes += copy.numel() * copy.element_size()
-        if self.pending_bytes >= self.max_bytes:
-            self._flush()
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
-            return
-        save_file(self.pending, str(self.out / f"part-{len(self.files):05d}.safetensors"), metadata={"format": "pt"})
-        self.files.append(list(self.pending))
-        self.total_bytes += self.pending_bytes
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> None:
-        self._flush()
-        weight_map = {}
-        for k, names in enumerate(self.files):
-            final = f"model-{k + 1:05d}-of-{len(self.files):05d}.safetensors"
-            (self.out / f"part-{k:05d}.safetensors").rename(self.out / final)
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            yield from zip(granite.hf_names(entry, layer), granite.to_hf(entry, rows, m, source.vocab_size))
 
 
 def special_token_ids(source: Source) -> dict:
@@ -171,16 +140,21 @@ def logit_difference(source: Source, hf_dir: Path, dtype: torch.dtype, seq_len: 
     the largest logit difference relative to the largest logit."""
     from transformers import AutoModelForCausalLM
 
+    from megatron_power import runtime
     from megatron_power.model import build_model
 
-    model = build_model(single_process(source.config), source.vocab_size, initialize=False).eval()
-    checkpoint.load(source.path, model, None)
-    for param in model.parameters():
-        param.copy_(param.to(dtype).float())
     hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     seq_len = min(seq_len, source.config.model.seq_length)
     tokens = torch.randint(0, source.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(0))
-    ours = model(tokens, torch.arange(seq_len).expand(2, -1), None)[..., :source.vocab_size]
+    runtime.initialize(single_process(source.config))
+    try:
+        model = build_model(single_process(source.config), source.vocab_size, initialize=False).eval()
+        checkpoint.load(source.path, model, None)
+        for param in model.parameters():
+            param.copy_(param.to(dtype).float())
+        ours = model(tokens, torch.arange(seq_len).expand(2, -1), None)[..., :source.vocab_size]
+    finally:
+        runtime.shutdown()
     theirs = hf(input_ids=tokens).logits
     return float((ours - theirs).abs().max() / theirs.abs().max())
 
@@ -188,32 +162,26 @@ def logit_difference(source: Source, hf_dir: Path, dtype: torch.dtype, seq_len: 
 def convert(ckpt: Path, out: Path, dtype: str = "bf16", verify: bool = False, overwrite: bool = False,
             tokenizer: Optional[Path] = None, max_shard_bytes: int = 2 * 2**30) -> Optional[float]:
     """Write the Hugging Face directory `out`; return the verified logit difference (if asked)."""
-    from megatron_power import runtime
-
     source = open_checkpoint(ckpt, tokenizer)
     check_writable(out, overwrite)
     torch_dtype = DTYPES[dtype]
-    runtime.initialize(single_process(source.config))
-    try:
-        with staged(out, overwrite) as staging:
-            shards = SafetensorsShards(staging, torch_dtype, max_shard_bytes)
-            count = sum(len(e.hf) * (source.config.model.num_layers if e.per_layer else 1)
-                        for e in granite.table(source.config.model))
-            with tqdm(total=count, unit="tensor", desc=f"writing {out.name}") as progress:
-                for name, tensor in megatron_tensors(source):
-                    shards.add(name, tensor)
-                    progress.set_postfix_str(name, refresh=False)
-                    progress.update()
-            shards.finish()
-            write_side_files(source, staging, torch_dtype)
-            difference = None
-            if verify:
-                difference = logit_difference(source, staging, torch_dtype)
-                print(f"verify: largest logit difference {difference:.2e} of the largest logit "
-                      f"(tolerance {VERIFY_TOLERANCE:.0e})")
-                if not difference <= VERIFY_TOLERANCE:
-                    raise ConversionError(f"verification failed: the converted model's logits differ by "
-                                          f"{difference:.2e} (relative), over {VERIFY_TOLERANCE:.0e}; nothing written")
-    finally:
-        runtime.shutdown()
+    reader = checked_reader(source)
+    shards = safetensors_shards.plan(((name, t.shape) for name, t in hf_tensors(source, reader, meta=True)),
+                                     torch_dtype, max_shard_bytes)
+    with staged(out, overwrite) as staging, ThreadPoolExecutor(1) as side:
+        # The config and tokenizer (seconds of imports and tokenizer conversion) are written
+        # while the weights stream: casting tensors releases the GIL.
+        side_files = side.submit(write_side_files, source, staging, torch_dtype)
+        count = sum(len(layout) for layout in shards)
+        with tqdm(hf_tensors(source, reader), total=count, unit="tensor", desc=f"writing {out.name}") as tensors:
+            safetensors_shards.write(staging, shards, torch_dtype, iter(tensors))
+        side_files.result()
+        if not verify:
+            return None
+        difference = logit_difference(source, staging, torch_dtype)
+        print(f"verify: largest logit difference {difference:.2e} of the largest logit "
+              f"(tolerance {VERIFY_TOLERANCE:.0e})")
+        if not difference <= VERIFY_TOLERANCE:
+            raise ConversionError(f"verification failed: the converted model's logits differ by "
+                                  f"{difference:.2e} (relative), over {VERIFY_TOLERANCE:.0e}; nothing written")
     return difference
