@@ -365,10 +365,10 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
         need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
              f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
              f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp})")
-        need(t.noise_scale_interval == 0 or t.global_batch_size >= 2 * t.micro_batch_size * dp,
-             f"train.noise_scale_interval needs at least 2 micro-batches per data-parallel rank (it compares "
-             f"the first one's gradient with the global batch's); got train.global_batch_size "
-             f"{t.global_batch_size} = {t.micro_batch_size} x {dp} ranks x "
+        need(t.noise_scale_interval == 0 or t.global_batch_size >= (p.pp + 1) * t.micro_batch_size * dp,
+             f"train.noise_scale_interval needs at least parallel.pp + 1 = {p.pp + 1} micro-batches per "
+             f"data-parallel rank (it reads the first one's gradient before the last has run); got "
+             f"train.global_batch_size {t.global_batch_size} = {t.micro_batch_size} x {dp} ranks x "
              f"{t.global_batch_size // max(t.micro_batch_size * dp, 1)}")
     need(c.train_steps >= 1, f"train.tokens ({t.tokens}) is less than one step "
          f"(global_batch_size x seq_length = {c.tokens_per_step} tokens)")
@@ -387,9 +387,6 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
         except CheckpointError as e:
             errors.append(f"checkpoint.init_from: {e}")
     need(t.noise_scale_interval >= 0, f"train.noise_scale_interval must be >= 0, got {t.noise_scale_interval}")
-    need(t.noise_scale_interval == 0 or (p.tp == 1 and p.pp == 1),
-         f"train.noise_scale_interval needs parallel.tp=1 and parallel.pp=1 (it reads the first micro-batch's "
-         f"gradient between micro-batches), got tp={p.tp} pp={p.pp}")
     need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     need(bool(re.fullmatch(r"[A-Za-z0-9._-]+", c.name)),
          f"name '{c.name}' must be letters, digits, '.', '_' or '-' (it names the run directory)")

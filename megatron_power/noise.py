@@ -3,9 +3,8 @@ standard online estimate of the critical batch size.
 
 A gradient averaged over B samples has E|g_B|^2 = |G|^2 + tr(Sigma) / B, so its squared norm at two
 batch sizes of the same step gives unbiased estimates of |G|^2 and tr(Sigma). Here the small batch is
-each rank's first micro-batch, read from Megatron's gradient buffers between micro-batches 1 and 2
-of its non-pipelined schedule, and the big batch is the global batch, whose norm the optimizer
-computes anyway. Single estimates are very noisy (|G|^2 can come out negative), so, as McCandlish
+each rank's first micro-batch, read from Megatron's gradient buffers once its backward is done,
+and the big batch is the global batch, whose norm the optimizer computes anyway. Single estimates are very noisy (|G|^2 can come out negative), so, as McCandlish
 et al. do, both are averaged over steps before taking the ratio.
 """
 
@@ -15,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.utils import get_attr_wrapped_model
 
 
 def two_batch_estimates(small_sq: float, b_small: float, big_sq: float, b_big: float):
@@ -48,8 +50,14 @@ class FirstMicrobatchProbe:
     global batch, split into dense and expert parameters (experts see the first micro-batch of all
     ranks of their expert-parallel group, so their small batch is EP times larger).
 
-    Needs parallel.tp = parallel.pp = 1 (config.validate checks it): every rank then holds whole
-    dense parameters, and forward_step for micro-batch 2 runs after micro-batch 1's backward.
+    Any TP / PP / EP layout: each stage reads its gradient buffers once micro-batch 1's backward is
+    done, which in Megatron's 1F1B schedule is just before the forward of micro-batch W + 2, W being
+    the stage's warm-up forwards (config.validate asks for pp + 1 micro-batches per rank). The
+    gradient is then not yet whole where Megatron defers a sum to the end of the step
+    (finalize_model_grads): sequence-parallel norm weights hold one part per TP rank, and a tied
+    embedding one part on the first and one on the last pipeline stage. Those are summed into
+    copies; every other gradient is read in place and counted once, as Megatron's grad norm counts
+    it (TP shards summed; TP duplicates and the last stage's copy of the embedding skipped).
     """
 
     def __init__(self, ddp_model, micro_batch_size: int, global_batch_size: int, num_microbatches: int,
@@ -58,7 +66,15 @@ class FirstMicrobatchProbe:
         self.num_microbatches = num_microbatches
         self.b_small = {"dense": micro_batch_size, "expert": micro_batch_size * ep}
         self.b_big = global_batch_size
-        self.ep = ep
+        warmup = ps.get_pipeline_model_parallel_world_size() - ps.get_pipeline_model_parallel_rank() - 1
+        self.read_before_forward = min(warmup, num_microbatches) + 2
+        # Replicas of the whole dense and the whole expert gradient; each saw its own micro-batch 1.
+        self.replicas = (ps.get_data_parallel_world_size(), ps.get_expert_data_parallel_world_size())
+        gpt = get_attr_wrapped_model(ddp_model, "pre_process", return_model_obj=True)
+        split_over_stages = gpt.share_embeddings_and_output_weights and ps.get_pipeline_model_parallel_world_size() > 1
+        self.tied = gpt.shared_embedding_or_output_weight() if split_over_stages else None
+        self.count_tied = gpt.pre_process  # the first stage's copy stands for both
+        self.sequence_parallel = ddp_model.config.sequence_parallel
         self.small_sq = self.big_sq = None
 
     def wrap(self, forward_step):
@@ -67,32 +83,51 @@ class FirstMicrobatchProbe:
         def forward_step_with_probe(data_iterator, model):
             nonlocal calls
             calls += 1
-            if calls == 2:
+            if calls == self.read_before_forward:
                 self.small_sq = self._first_microbatch_sq()
             return forward_step(data_iterator, model)
 
         return forward_step_with_probe
 
     def _first_microbatch_sq(self) -> dict:
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # dense, expert
+        tp_parts = []
+        for param in self.model.parameters():
+            if not param.requires_grad or param is self.tied:
+                continue
+            if self.sequence_parallel and getattr(param, "sequence_parallel", False):
+                tp_parts.append(param.main_grad)
+            elif param_is_not_tensor_parallel_duplicate(param):
+                sums[0 if getattr(param, "allreduce", True) else 1] += param.main_grad.double().square().sum()
+        if tp_parts:
+            whole = torch.cat([g.flatten() for g in tp_parts]).double()
+            dist.all_reduce(whole, group=ps.get_tensor_model_parallel_group())
+            if ps.get_tensor_model_parallel_rank() == 0:
+                sums[0] += whole.square().sum()
+        if self.tied is not None:
+            whole = self.tied.main_grad.clone()
+            dist.all_reduce(whole, group=ps.get_embedding_group())
+            if self.count_tied:
+                sums[0] += whole.square_().sum(dtype=torch.float64)
+        dist.all_reduce(sums)
         # The schedule scales each micro-batch's loss by 1/num_microbatches before backward.
         scale = float(self.num_microbatches) ** 2
-        local = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for i, buffers in enumerate((self.model.buffers, self.model.expert_parallel_buffers)):
-            for buffer in buffers:
-                local[i] += buffer.grad_data.double().square().sum()
-        dist.all_reduce(local)
-        world = dist.get_world_size()
-        # Mean over the ranks' first micro-batches (dense) and over the expert groups' (expert).
-        return {"dense": float(local[0]) * scale / world, "expert": float(local[1]) * scale * self.ep / world}
+        return {kind: float(sums[i]) * scale / self.replicas[i] for i, kind in enumerate(("dense", "expert"))}
 
     def read_global_batch(self, optimizer) -> None:
-        """After optimizer.prepare_grads(): the global batch's squared norms from the optimizer."""
+        """After optimizer.prepare_grads(): the global batch's squared norms, from the gradients and
+        groups Megatron's grad norm uses, summed in fp64 (its fp32 norm is off by about 1e-4 on CPU,
+        which the difference of the two norms would amplify)."""
         big = {"dense": 0.0, "expert": 0.0}
         for chained in optimizer.chained_optimizers:
             if getattr(chained, "is_stub_optimizer", False) or not chained.optimizer.param_groups:
                 continue
             kind = "expert" if chained.optimizer.param_groups[0]["is_expert_parallel"] else "dense"
-            big[kind] += chained.get_grad_norm() ** 2
+            sq = torch.zeros(1, dtype=torch.float64, device=self.device)
+            for grad in chained.get_main_grads_for_grad_norm():
+                sq += grad.double().square().sum()
+            dist.all_reduce(sq, group=chained.get_grad_stats_parallel_group())
+            big[kind] += float(sq)
         self.big_sq = big
 
     def estimates(self):

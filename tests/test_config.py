@@ -35,8 +35,10 @@ BAD = [
     (["model.num_experts=4", "model.moe_ffn_hidden_size=64", "parallel.tp=2"], 2, "MoE with parallel.tp > 1 needs parallel.sequence_parallel=true"),
     (["model.num_experts=4", "model.moe_ffn_hidden_size=64", "model.moe_topk=5"], 1, "model.moe_topk (5) must be between 1 and model.num_experts (4)"),
     (["mup.width_mult=2"], 1, "mup.enabled needs exactly one of mup.base_width and mup.width_mult"),
-    (["train.noise_scale_interval=10", "parallel.tp=2"], 2, "train.noise_scale_interval needs parallel.tp=1 and parallel.pp=1"),
-    (["train.noise_scale_interval=10", "train.global_batch_size=16"], 2, "train.noise_scale_interval needs at least 2 micro-batches per data-parallel rank"),
+    (["train.noise_scale_interval=10", "train.micro_batch_size=8", "train.global_batch_size=16"], 2,
+     "train.noise_scale_interval needs at least parallel.pp + 1 = 2 micro-batches per data-parallel rank"),
+    (["train.noise_scale_interval=10", "parallel.pp=2", "train.micro_batch_size=8", "train.global_batch_size=16"], 2,
+     "train.noise_scale_interval needs at least parallel.pp + 1 = 3 micro-batches per data-parallel rank"),
 ]
 
 

@@ -1,10 +1,14 @@
 """Parallel layouts over gloo reproduce the single-process losses step by step, with muP on (the
-proxy recipe's default).
+proxy recipe's default), and, where each rank sees the whole global batch (TP, PP), the gradient
+noise scale's per-step estimates too: the first micro-batch's gradient is then the same one,
+assembled from TP shards, sequence-parallel parts and the tied embedding's two pipeline copies.
 
 Weights are drawn per global parameter key (model.initialize_weights) and every layout sees the
 same global batches, so the only differences are floating-point reduction orders. Tolerance:
 1e-4 absolute on losses of 6 to 9 nats (seen: agreement to about 1e-6).
 """
+
+import json
 
 import pytest
 
@@ -14,7 +18,13 @@ from megatron_power.config import load_config
 
 STEPS = 10
 OVERRIDES = SMALL + ["model.seq_length=128", "train.global_batch_size=16", "train.micro_batch_size=4",
-                     f"train.tokens={STEPS * 16 * 128}", "schedule.warmup=0", "schedule.decay=0"]
+                     f"train.tokens={STEPS * 16 * 128}", "schedule.warmup=0", "schedule.decay=0",
+                     "train.noise_scale_interval=1"]
+
+
+def noise_estimates(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["grad_sq"], r["trace"]) for r in rows if "trace" in r}
 
 
 @pytest.fixture(scope="module")
@@ -22,23 +32,29 @@ def reference(default_data, tmp_path_factory):
     assert load_config("proxy", OVERRIDES).mup.enabled
     out = tmp_path_factory.mktemp("layouts")
     run_train(out, "single", OVERRIDES)
-    return metrics(out / "single")[0]
+    return metrics(out / "single")[0], noise_estimates(out / "single")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,layout", [
-    (2, ["parallel.tp=2"]),
-    (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-    (2, ["parallel.pp=2"]),
-    (2, []),  # data parallel
-    (2, ["parallel.distributed_optimizer=true"]),
-    (4, ["parallel.tp=2", "parallel.pp=2"]),
-], ids=["tp2", "tp2-sp", "pp2", "dp2", "dp2-distopt", "tp2xpp2"])
-def test_layout_matches_single_process(reference, tmp_path, nproc, layout):
+@pytest.mark.parametrize("nproc,layout,data_parallel", [
+    (2, ["parallel.tp=2"], False),
+    (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], False),
+    (2, ["parallel.pp=2"], False),
+    (2, [], True),
+    (2, ["parallel.distributed_optimizer=true"], True),
+    (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], False),
+], ids=["tp2", "tp2-sp", "pp2", "dp2", "dp2-distopt", "tp2xpp2-sp"])
+def test_layout_matches_single_process(reference, tmp_path, nproc, layout, data_parallel):
+    reference_losses, reference_noise = reference
     run_train(tmp_path, "layout", OVERRIDES + layout, nproc=nproc)
     losses = metrics(tmp_path / "layout")[0]
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
-        assert losses[step] == pytest.approx(reference[step], abs=1e-4), f"step {step}"
+        assert losses[step] == pytest.approx(reference_losses[step], abs=1e-4), f"step {step}"
     # The run learned something: the comparison is not between two flat lines.
     assert losses[STEPS] < losses[1] - 1.0
+    noise = noise_estimates(tmp_path / "layout")
+    assert sorted(noise) == list(range(1, STEPS + 1))
+    if not data_parallel:  # with DP each rank's first micro-batch is another one
+        for step in range(1, STEPS + 1):
+            assert noise[step] == pytest.approx(reference_noise[step], rel=5e-4), f"step {step}"
