@@ -130,6 +130,7 @@ class ScheduleConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = 200  # steps; the last step always saves
+    save: bool = True  # false only for throughput benchmarks: nothing is saved, not even on a stop
     keep: int = 2  # complete checkpoints kept on disk (the newest ones)
     dir: Optional[str] = None  # default: <run dir>/checkpoints
     # A checkpoint to start from (a checkpoints directory, whose "latest" is used, or one iter_*

@@ -43,9 +43,10 @@ def initialize(config) -> Runtime:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size,
+        # torchrun and the SLURM script set MASTER_ADDR; a process started by hand gets a free port
+        # of its own, not left in the environment, so that processes it starts pick their own.
+        init = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=30))
     ps.initialize_model_parallel(
         tensor_model_parallel_size=config.parallel.tp,

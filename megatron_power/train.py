@@ -241,8 +241,9 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
         (config.run_dir / "config.yaml").write_text(to_yaml(config))
 
     def save():
-        checkpoint.save(ckpt_dir, state.step, model, optimizer,
-                        {"train_state": asdict(state), "config": to_yaml(config)}, config.checkpoint.keep)
+        if config.checkpoint.save:
+            checkpoint.save(ckpt_dir, state.step, model, optimizer,
+                            {"train_state": asdict(state), "config": to_yaml(config)}, config.checkpoint.keep)
 
     # The budget is in tokens, so a run resumed with another batch size ends where it should.
     while state.consumed_tokens + config.tokens_per_step <= t.tokens:
@@ -286,7 +287,8 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
         if (finite and (state.step % config.checkpoint.interval == 0 or last)) or stop_now:
             save()
         if stop_now and not last:
-            log.info(f"stop requested: checkpoint saved at step {state.step}; exiting")
+            saved = "checkpoint saved" if config.checkpoint.save else "nothing saved (checkpoint.save=false)"
+            log.info(f"stop requested: {saved} at step {state.step}; exiting")
             break
     else:
         # Tells a SLURM job that stopped on a signal at the very end not to requeue itself.

@@ -69,3 +69,11 @@ def test_unfinished_checkpoint_is_never_read(tmp_path):
     (tmp_path / "latest").write_text("iter_0000008\n")  # a marker pointing at nothing complete
     with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
         checkpoint.latest(tmp_path)
+
+
+def test_benchmark_runs_without_checkpoints_save_nothing(default_data, tmp_path):
+    run_train(tmp_path, "bench", SMALL + [f"train.tokens={2 * TOKENS_PER_STEP}", "checkpoint.save=false"])
+    assert sorted(metrics(tmp_path / "bench")[0]) == [1, 2]
+    assert not (tmp_path / "bench" / "checkpoints").exists()
+    run_train(tmp_path, "saved", SMALL + [f"train.tokens={2 * TOKENS_PER_STEP}"])
+    assert checkpoint.latest(tmp_path / "saved" / "checkpoints") is not None
