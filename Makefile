@@ -56,7 +56,7 @@ train: setup
 	$(LAUNCH) train $(RECIPE) $(if $(SMOKE),--smoke) $(ARGS)
 
 # make submit RECIPE=dense3b NODES=16 [GPUS_PER_NODE=8 PARTITION= ACCOUNT= TIME= CONTAINER=
-#             CONTAINER_MOUNTS= CPU=1 SIGNAL_LEAD=180 DRY_RUN=1 ARGS="overrides"]
+#             CONTAINER_MOUNTS= CPU=1 SIGNAL_LEAD=180 GPU_MEMORY=80 DRY_RUN=1 ARGS="overrides"]
 NODES ?= 1
 GPUS_PER_NODE ?= 8
 submit: setup
@@ -64,7 +64,8 @@ submit: setup
 		$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) \
 		$(if $(TIME),--time $(TIME)) $(if $(filter-out undefined,$(origin CONTAINER)),--container "$(CONTAINER)") \
 		$(if $(CONTAINER_MOUNTS),--container-mounts "$(CONTAINER_MOUNTS)") $(if $(CPU),--cpu) \
-		$(if $(SIGNAL_LEAD),--signal-lead $(SIGNAL_LEAD)) $(if $(DRY_RUN),--dry-run) $(ARGS)
+		$(if $(SIGNAL_LEAD),--signal-lead $(SIGNAL_LEAD)) $(if $(GPU_MEMORY),--gpu-memory $(GPU_MEMORY)) \
+		$(if $(DRY_RUN),--dry-run) $(ARGS)
 
 # make sweep [SPEC=proxy_lr_batch] [ARGS="--jobs 4" | ARGS="--slurm --partition p --time 1:00:00"]
 # Runs the grid (again: finished points are skipped), writes results.csv, then fits and plots it.

@@ -6,6 +6,11 @@ import argparse
 import os
 import sys
 import time
+import warnings
+
+# Megatron-Core warns at import that it uses its own kernels without Transformer Engine and Apex:
+# the expected state on CPU machines and login nodes (a GPU run without TE says so in its log).
+warnings.filterwarnings("ignore", message="(Transformer Engine and Apex are|Apex is) not installed")
 
 
 def _train(args) -> int:
@@ -169,7 +174,7 @@ def _plan(args) -> int:
         raise ConfigError("plan needs model.vocab_size (the recipe's vocabulary), e.g. model.vocab_size=49152")
     counts = plan.count_parameters(config, vocab)
     print("\n".join(plan.report(config, counts, args.gpus, args.gpu_memory)))
-    return 0
+    return 0 if plan.fits(plan.memory_per_gpu(config, counts, args.gpus), args.gpu_memory) else 1
 
 
 def _config(args) -> int:
@@ -189,6 +194,7 @@ def _submit(args) -> int:
         cpu=args.cpu, cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
         time=args.time, container=args.container, container_mounts=args.container_mounts,
         signal_lead=args.signal_lead, job_name=args.job_name, array=args.array, log_dir=Path(args.log_dir).absolute(),
+        gpu_memory=args.gpu_memory,
     ), dry_run=args.dry_run)
 
 
@@ -384,6 +390,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--nodes", type=int, default=1)
     sub.add_argument("--job-name")
     sub.add_argument("--array", help="job array indices, e.g. 0-15%%4")
+    sub.add_argument("--gpu-memory", type=float, default=80.0,
+                     help="GiB per GPU; the planner must fit the layout in 90%% of it (H100: 80)")
     _slurm_options(sub, gpus_per_node=8)
 
     sweep = verbs.add_parser("sweep", help="run a grid of proxy runs (locally or as a SLURM array) into results.csv")

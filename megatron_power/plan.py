@@ -8,6 +8,7 @@ distributed optimizer), and activations per Korthikanti et al. 2022 (arXiv 2205.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,9 +37,12 @@ def count_parameters(config, vocab_size: int) -> ParamCounts:
     from megatron_power.model import build_model
 
     whole = replace(config, parallel=replace(config.parallel, tp=1, pp=1, ep=1, sequence_parallel=False))
-    runtime.initialize(whole)
-    with torch.device("meta"):
-        model = build_model(whole, vocab_size, initialize=False)
+    # Megatron's advice on kernels and recompute is for training; a build that only counts keeps quiet.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runtime.initialize(whole)
+        with torch.device("meta"):
+            model = build_model(whole, vocab_size, initialize=False)
     counts = {"embedding": 0, "output": 0, "expert": 0, "dense_layers": 0}
     for name, p in model.named_parameters():
         if name.startswith("embedding."):
@@ -108,10 +112,32 @@ def memory_per_gpu(config, counts: ParamCounts, gpus: int) -> Memory:
     return Memory(weights, gradients, optimizer, activations, per_layer_full * layers * in_flight)
 
 
+FIT_FRACTION = 0.9  # of a GPU's memory: the rest is for the CUDA context, NCCL and fragmentation
+
+
+def fits(mem: Memory, capacity_gib: float) -> bool:
+    return mem.total / GIB <= FIT_FRACTION * capacity_gib
+
+
+def fit_problem(config, vocab_size: int, gpus: int, capacity_gib: float):
+    """One line saying why the layout does not fit in GPU memory, or None when it does."""
+    mem = memory_per_gpu(config, count_parameters(config, vocab_size), gpus)
+    if fits(mem, capacity_gib):
+        return None
+    parts = ", ".join(f"{name} {getattr(mem, name) / GIB:.1f}" for name in ("weights", "gradients", "optimizer", "activations"))
+    remedies = ["a smaller train.micro_batch_size", "larger parallel.tp / parallel.pp"]
+    if config.precision.recompute != "full":
+        remedies.insert(0, "precision.recompute=full")
+    if not config.parallel.distributed_optimizer:
+        remedies.append("parallel.distributed_optimizer=true")
+    return (f"{config.name} on {gpus} GPU{'s' if gpus > 1 else ''} needs {mem.total / GIB:.1f} GiB per GPU ({parts}), "
+            f"over {FIT_FRACTION:.0%} of {capacity_gib:.0f} GiB; try {', '.join(remedies)}")
+
+
 def report(config, counts: ParamCounts, gpus: int, capacity_gib: float = 80.0) -> list:
     mem = memory_per_gpu(config, counts, gpus)
     p = config.parallel
-    fits = mem.total / GIB <= 0.9 * capacity_gib
+    fit = fits(mem, capacity_gib)
     lines = [
         f"recipe {config.name}: {gpus} GPUs as TP {p.tp} x PP {p.pp} x EP {p.ep} x DP {gpus // (p.tp * p.pp)}",
         f"parameters        {counts.total / 1e9:8.3f} B total, {counts.active(config) / 1e9:.3f} B active "
@@ -126,6 +152,6 @@ def report(config, counts: ParamCounts, gpus: int, capacity_gib: float = 80.0) -
         f"  activations     {mem.activations / GIB:8.2f}  with recompute={config.precision.recompute}; "
         f"{mem.activations_no_recompute / GIB:.2f} without",
         f"  total           {mem.total / GIB:8.2f} of {capacity_gib:.0f}: "
-        + ("fits (under 90%)" if fits else "DOES NOT FIT (over 90%)"),
+        + (f"fits (under {FIT_FRACTION:.0%})" if fit else f"DOES NOT FIT (over {FIT_FRACTION:.0%})"),
     ]
     return lines

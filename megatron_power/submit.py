@@ -1,7 +1,8 @@
 """`megatron-power submit`: render slurm/train.sbatch.j2 for a recipe, check it, call sbatch.
 
 Everything is checked before sbatch runs: the recipe with its overrides validated for a world of
-nodes x processes per node (parallel sizes must divide it), the SLURM options' formats, and that
+nodes x processes per node (parallel sizes must divide it), the planner's memory per GPU against
+the GPUs' memory (for recipes that name their vocabulary), the SLURM options' formats, and that
 sbatch exists. The rendered script is kept in the log directory beside the job's output.
 """
 
@@ -43,6 +44,7 @@ class Submission:
     array: Optional[str] = None
     log_dir: Path = ROOT / "logs"
     points_file: Optional[Path] = None  # a sweep's point list (sweep.write_points_file), one per array task
+    gpu_memory: float = 80.0  # GiB per GPU, for the planner's check
 
 
 def time_limit_seconds(text: str) -> int:
@@ -71,11 +73,18 @@ def check(s: Submission) -> List[str]:
         errors.append("CONTAINER_MOUNTS given without CONTAINER (mounts belong to a container image)")
     if errors:
         return errors
+    world = s.nodes * s.gpus_per_node
     try:
-        load_config(s.recipe, s.overrides, world_size=s.nodes * s.gpus_per_node)
+        config = load_config(s.recipe, s.overrides, world_size=world)
     except ConfigError as e:
-        errors += [f"{line} (world size {s.nodes} nodes x {s.gpus_per_node} = {s.nodes * s.gpus_per_node})"
-                   for line in str(e).splitlines()]
+        return errors + [f"{line} (world size {s.nodes} nodes x {s.gpus_per_node} = {world})"
+                         for line in str(e).splitlines()]
+    if not s.cpu and config.model.vocab_size is not None:
+        from megatron_power import plan
+
+        problem = plan.fit_problem(config, config.model.vocab_size, world, s.gpu_memory)
+        if problem:
+            errors.append(f"{problem} (or --gpu-memory / GPU_MEMORY for larger GPUs)")
     return errors
 
 

@@ -23,7 +23,7 @@ from megatron_power.signals import StopRequest
 from megatron_power.config import FINISHED, Config, from_yaml, model_differences, model_vocab_size, to_yaml
 from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
 from megatron_power.metrics import MetricsLogger
-from megatron_power.model import build_model
+from megatron_power.model import build_model, transformer_engine_available
 from megatron_power.noise import FirstMicrobatchProbe, NoiseScaleAverage
 from megatron_power.scheduler import TokenScheduler, phase_tokens
 
@@ -236,6 +236,9 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     final_step = state.step + (t.tokens - state.consumed_tokens) // config.tokens_per_step
     log = MetricsLogger(config, rt, optimizer, start_step=state.step, final_step=final_step)
     log.info(message)
+    if config.precision.fp8 and rt.device.type == "cuda" and not transformer_engine_available():
+        log.info(f"precision.fp8={config.precision.fp8} is ignored: Transformer Engine is not installed, so this "
+                 f"run uses Megatron's local layer spec in bf16")
     if rt.rank == 0:
         config.run_dir.mkdir(parents=True, exist_ok=True)
         (config.run_dir / "config.yaml").write_text(to_yaml(config))

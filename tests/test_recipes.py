@@ -34,6 +34,15 @@ def test_parameter_counts_match_the_paper(recipe):
     assert "fits" in out and "DOES NOT FIT" not in out  # each layout fits an 80 GB H100 with margin
 
 
+def test_plan_over_memory_says_so_and_fails():
+    fits = subprocess.run([str(BIN / "megatron-power"), "plan", "dense3b", "--gpus", "1"], cwd=ROOT,
+                          capture_output=True, text=True)
+    over = subprocess.run([str(BIN / "megatron-power"), "plan", "dense3b", "--gpus", "1", "train.micro_batch_size=8"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert fits.returncode == 0 and "fits (under 90%)" in fits.stdout
+    assert over.returncode == 1 and "DOES NOT FIT (over 90%)" in over.stdout
+
+
 def test_planner_counts_the_model_that_trains(default_data):
     """The planner's meta-device count equals the parameters of the model `train` builds."""
     shrunk = ["model.num_layers=2", "model.hidden_size=128", "model.num_attention_heads=2",

@@ -97,7 +97,9 @@ def fake_sbatch(tmp_path, monkeypatch):
     (["proxy", "--container-mounts", "/data:/data"], "CONTAINER_MOUNTS given without CONTAINER"),
     (["proxy", "--time", "90 minutes"], "TIME '90 minutes' is not a SLURM time limit"),
     (["proxy", "--time", "2", "--signal-lead", "180"], "TIME 2 leaves no room"),
-], ids=["layout", "recipe", "container", "mounts", "time", "signal"])
+    (["dense3b", "--nodes", "1", "--gpus-per-node", "1", "train.micro_batch_size=8"],
+     "dense3b on 1 GPU needs"),
+], ids=["layout", "recipe", "container", "mounts", "time", "signal", "memory"])
 def test_bad_submission_fails_before_sbatch(fake_sbatch, capsys, args, message):
     assert cli.main(["submit", *args]) == 2
     err = capsys.readouterr().err
