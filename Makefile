@@ -21,7 +21,7 @@ else
 LAUNCH := $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m megatron_power.cli
 endif
 
-.PHONY: setup setup-dev setup-plot data train submit sweep convert test bench clean-venv
+.PHONY: setup setup-dev setup-plot data train submit sweep convert test bench gpu-check clean-venv
 
 setup: $(VENV)/.installed-base
 setup-dev: $(VENV)/.installed-dev
@@ -85,6 +85,12 @@ test: setup-dev
 
 bench: setup-dev
 	$(BIN)/python bench/train_throughput.py $(ARGS)
+
+# On a GPU machine: the GPU tests, the MFU benchmark (dense3b and moe3b, bf16 and FP8) and the GPU
+# coordinate check, in one report folder (runs/gpu-check/report.md). Transformer Engine comes from
+# the container, or: $(BIN)/pip install --no-build-isolation -e ".[gpu]"
+gpu-check: setup-dev
+	$(BIN)/python bench/gpu_check.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -4,21 +4,23 @@ Each recipe runs through `megatron-power train` as it is, except for what one GP
 parallel size 1, `--accumulation` micro-batches per step instead of 1024 sequences, and the depth
 cut to the most layers the planner says fit in the GPU's memory (`plan.memory_per_gpu`, with the
 recipe's micro-batch and recompute; `--layers` sets it by hand). Tokens/s is taken over the steps
-after `--warmup`. FLOPs per token are the planner's, counted on the model built on the meta device (what `megatron-power plan`
-prints), and MFU is against the GPU's dense bf16 peak for FP8 runs too, as Megatron-LM reports it,
-so that the two precisions compare. FP8 needs Transformer Engine; without it the FP8 rows are
-skipped rather than measured as bf16.
+after `--warmup`. FLOPs per token are the planner's, counted on the model built on the meta device
+(what `megatron-power plan` prints), with causal attention counted as half, as Megatron-LM does.
+MFU is against the exact device's dense bf16 peak (hardware.BF16_PEAK_TFLOPS), for FP8 runs too,
+as Megatron-LM reports it, so that the two precisions compare. FP8 needs Transformer Engine;
+without it the FP8 rows are skipped rather than measured as bf16. Peak memory (the training
+process's max_memory_allocated) is set beside the planner's estimate for the same layout.
 
 Reference: Megatron-Core's published 41% MFU for a 1.7B model in bf16 on H100.
 
     .venv/bin/python bench/gpu_mfu.py [--recipes dense3b moe3b] [--precisions bf16 fp8]
                                       [--steps 30] [--warmup 10] [--accumulation 16] [--layers N]
+                                      [--json table.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -26,28 +28,22 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from megatron_power import plan  # noqa: E402
+from megatron_power import hardware, plan  # noqa: E402
 from megatron_power.config import load_config  # noqa: E402
 
-# Dense bf16 tensor-core peak, FLOP/s (SXM parts; H200 has H100's compute).
-BF16_PEAK = {"H100": 989e12, "H200": 989e12}
 ONE_GPU = ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.sequence_parallel=false"]
 PRECISION = {"bf16": ["precision.fp8=null"], "fp8": []}  # the 3B recipes name their FP8 setting
 
 
-def bf16_peak(override_tflops: float) -> float:
-    if override_tflops:
-        return override_tflops * 1e12
-    name = torch.cuda.get_device_name()
-    for model, peak in BF16_PEAK.items():
-        if model in name:
-            return peak
-    sys.exit(f"unknown GPU '{name}': give its dense bf16 peak with --peak-tflops")
+def bf16_peak(gpu_name: str, override_tflops: float) -> float:
+    tflops = override_tflops or hardware.bf16_peak_tflops(gpu_name)
+    if not tflops:
+        sys.exit(f"unknown GPU '{gpu_name}': give its dense bf16 peak with --peak-tflops")
+    return tflops * 1e12
 
 
 def fitting_depth(recipe: str, overrides: list, capacity_gib: float) -> int:
@@ -64,16 +60,15 @@ def fitting_depth(recipe: str, overrides: list, capacity_gib: float) -> int:
     sys.exit(f"{recipe}: not even one layer fits in {capacity_gib:.0f} GiB by the planner")
 
 
-def measure(recipe: str, overrides: list, steps: int, warmup: int) -> float:
-    """Tokens/s of `megatron-power train` over its steps after the warm-up."""
+def measure(recipe: str, overrides: list, steps: int, warmup: int):
+    """Tokens/s of `megatron-power train` over its steps after the warm-up, and its peak GPU memory (GiB)."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [str(Path(sys.executable).parent / "megatron-power"), "train", recipe, f"out_dir={out}", "name=bench",
-               *overrides]
+        cmd = [sys.executable, "-m", "megatron_power.cli", "train", recipe, f"out_dir={out}", "name=bench", *overrides]
         subprocess.run(cmd, cwd=ROOT, check=True)
         rows = [json.loads(line) for line in (Path(out) / "bench" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     start, end = rows[warmup - 1], rows[-1]
-    return (end["tokens"] - start["tokens"]) / (end["time"] - start["time"])
+    return (end["tokens"] - start["tokens"]) / (end["time"] - start["time"]), max(r["max_memory_gib"] for r in rows)
 
 
 def main():
@@ -85,15 +80,16 @@ def main():
     p.add_argument("--accumulation", type=int, default=16, help="micro-batches per step")
     p.add_argument("--layers", type=int, default=0, help="depth to run (default: the most the planner fits)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak, if not an H100/H200")
+    p.add_argument("--json", type=Path, help="also write the table here")
     args = p.parse_args()
-    if not torch.cuda.is_available():
+    hw = hardware.detect()
+    if not hw.cuda:
         sys.exit("bench/gpu_mfu.py measures GPU throughput and needs a CUDA GPU; none was found")
     if args.warmup >= args.steps:
         sys.exit(f"--warmup ({args.warmup}) must be less than --steps ({args.steps})")
-    subprocess.run([str(Path(sys.executable).parent / "megatron-power"), "data"], cwd=ROOT, check=True)
-    peak = bf16_peak(args.peak_tflops)
-    capacity = torch.cuda.get_device_properties(0).total_memory / plan.GIB
-    has_te = importlib.util.find_spec("transformer_engine") is not None
+    subprocess.run([sys.executable, "-m", "megatron_power.cli", "data"], cwd=ROOT, check=True)
+    peak = bf16_peak(hw.gpu_name, args.peak_tflops)
+    capacity = hw.gpu_memory_gib
     rows = []
     for recipe in args.recipes:
         base = load_config(recipe, ONE_GPU, 1, check_paths=False)
@@ -104,21 +100,28 @@ def main():
         depth = args.layers or fitting_depth(recipe, common, capacity)
         common.append(f"model.num_layers={depth}")
         config = load_config(recipe, common, 1, check_paths=False)
-        flops = plan.flops_per_token(config, plan.count_parameters(config, config.model.vocab_size))
+        counts = plan.count_parameters(config, config.model.vocab_size)
+        flops = plan.flops_per_token(config, counts)
+        planned = plan.memory_per_gpu(config, counts, 1).total / plan.GIB
         for precision in args.precisions:
-            if precision == "fp8" and not has_te:
-                print(f"{recipe} fp8: skipped, Transformer Engine is not installed")
+            if precision == "fp8" and not hw.transformer_engine:
+                print(f"{recipe} fp8: skipped, Transformer Engine is not usable here")
                 continue
-            tokens_per_s = measure(recipe, common + PRECISION[precision], args.steps, args.warmup)
+            tokens_per_s, peak_gib = measure(recipe, common + PRECISION[precision], args.steps, args.warmup)
             rows.append({"recipe": recipe, "layers": f"{depth}/{base.model.num_layers}", "precision": precision,
                          "tokens_per_s": round(tokens_per_s), "tflops": round(tokens_per_s * flops / 1e12, 1),
-                         "mfu": round(tokens_per_s * flops / peak, 3)})
-    print(f"\n{torch.cuda.get_device_name()}, bf16 peak {peak / 1e12:.0f} TFLOP/s; "
-          f"reference: Megatron-Core 41% MFU (1.7B, bf16, H100)")
-    print(f"{'recipe':<9} {'layers':<7} {'precision':<9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
+                         "mfu": round(tokens_per_s * flops / peak, 3), "peak_gib": peak_gib,
+                         "planned_gib": round(planned, 2), "peak_vs_plan": round(peak_gib / planned, 3)})
+    lines = [f"{hw.gpu_name}, bf16 peak {peak / 1e12:.0f} TFLOP/s; reference: Megatron-Core 41% MFU (1.7B, bf16, H100)",
+             f"{'recipe':<9} {'layers':<7} {'precision':<9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+             f"{'peak GiB':>9} {'planned':>8} {'ratio':>6}"]
     for r in rows:
-        print(f"{r['recipe']:<9} {r['layers']:<7} {r['precision']:<9} {r['tokens_per_s']:>10,} {r['tflops']:>8} "
-              f"{r['mfu']:>6.1%}")
+        lines.append(f"{r['recipe']:<9} {r['layers']:<7} {r['precision']:<9} {r['tokens_per_s']:>10,} {r['tflops']:>8} "
+                     f"{r['mfu']:>6.1%} {r['peak_gib']:>9.2f} {r['planned_gib']:>8.2f} {r['peak_vs_plan']:>6.2f}")
+    print("\n" + "\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps({"device": hw.gpu_name, "bf16_peak_tflops": peak / 1e12, "rows": rows},
+                                        indent=1))
 
 
 if __name__ == "__main__":

@@ -106,14 +106,29 @@ def resolve(path: Path) -> Path:
     return found
 
 
+EXTRA_STATE = "_extra_state"  # Transformer Engine's FP8 scaling state, one per TE module
+
+
 def load(path: Path, model, optimizer) -> dict:
     """Load model (and, unless `optimizer` is None, optimizer) state in place; return the saved
-    state (training progress and config)."""
+    state (training progress and config).
+
+    A checkpoint written with Megatron's local layers (on a CPU, or by `convert from-hf`) has no
+    Transformer Engine extra state; TE's modules then keep their fresh FP8 state, as at the start
+    of a run. One written under TE loads into local layers, which ask for no extra state."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     sharded = _sharded_state_dict(model, optimizer, None, is_loading=True)
+    saved_keys = {v.key for v in load_sharded_metadata(str(path)).values()}
+    absent = [k for k, v in sharded["model"].items() if k.endswith(EXTRA_STATE) and v.key not in saved_keys]
+    for k in absent:
+        del sharded["model"][k]
     loaded = dist_checkpointing.load(sharded, str(path))
-    _core(model).load_state_dict(loaded["model"])
+    result = _core(model).load_state_dict(loaded["model"], strict=False)
+    wrong = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)] + list(result.unexpected_keys)
+    if wrong:
+        raise CheckpointError(f"{path} does not match this model: {', '.join(wrong[:5])}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     return loaded["state"]

@@ -102,6 +102,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 3  # consecutive NaN/Inf steps that stop the run
     # Steps between measurements of the gradient noise scale B_simple (noise.py); 0: off.
     noise_scale_interval: int = 0
+    # On GPUs, refuse a layout that the planner (plan.py) says does not fit in a GPU's memory.
+    check_memory: bool = True
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""The one place that lets Megatron-Core's CUDA-only training path run on CPU over gloo.
+"""The one place that lets Megatron-Core's training path run where CUDA, or TE and Apex, are absent.
 
 Megatron-Core places bookkeeping tensors on "cuda", synchronises streams and forks CUDA RNG
-states. None of that is model math. `install()` bridges each of those sites when CUDA is absent
-and does nothing on a machine with CUDA. Each bridge names the Megatron behaviour it addresses
-(file paths relative to megatron/core in megatron-core 0.16.1).
+states, and in places assumes Transformer Engine or Apex. None of that is model math.
+`install(hw)` bridges each of those sites for what the machine `hw` lacks: the CPU bridges
+without CUDA, the others without a usable Transformer Engine. Each bridge names the Megatron
+behaviour it addresses (file paths relative to megatron/core in megatron-core 0.16.1).
 """
 
 from __future__ import annotations
@@ -17,19 +18,23 @@ import torch
 _installed = False
 
 
-def install() -> None:
-    """Install every bridge (idempotent); a no-op when CUDA is available."""
+def install(hw) -> None:
+    """Install the bridges `hw` (a `hardware.Hardware`) needs, once per process."""
     global _installed
-    if _installed or torch.cuda.is_available():
+    if _installed:
         return
-    _cuda_runtime_queries()
-    _cuda_literal_devices()
-    _rng_tracker()
-    _grad_clipping()
-    _distributed_optimizer_param_types()
-    _moe_split_sizes()
-    _moe_router_gemm()
-    _uneven_sequence_parallel_collectives()
+    if not hw.cuda:
+        _cuda_runtime_queries()
+        _cuda_literal_devices()
+        _rng_tracker()
+        _torch_optimizer()
+        _grad_clipping()
+        _distributed_optimizer_param_types()
+        _moe_split_sizes()
+        _uneven_sequence_parallel_collectives()
+    if not hw.transformer_engine:
+        _moe_router_gemm()
+    _distributed_optimizer_state_on_load()
     _installed = True
 
 
@@ -145,6 +150,27 @@ def _rng_tracker() -> None:
     mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
+def _torch_optimizer() -> None:
+    """optimizer/__init__.py, optimizer.py, clip_grads.py and distrib_optimizer.py pick Transformer
+    Engine's (or Apex's) FusedAdam and multi-tensor kernels whenever TE imports, which it can with
+    CUDA hidden; those allocate on "cuda". Without CUDA they are torch's AdamW and Megatron's own
+    local multi-tensor functions, as on a machine without TE."""
+    from megatron.core import optimizer as moptimizer_package
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    moptimizer_package.Adam, moptimizer_package.SGD = torch.optim.AdamW, torch.optim.SGD
+    moptimizer_package.USING_PYTORCH_OPTIMIZER = True
+    distrib_optimizer.Adam = torch.optim.Adam
+    distrib_optimizer.HAVE_APEX_OR_TE = False
+    distrib_optimizer.USING_TE_OPTIMIZER = distrib_optimizer.USING_APEX_OPTIMIZER = False
+    for module in (clip_grads, moptimizer):
+        module.multi_tensor_applier = utils.local_multi_tensor_applier
+        module.multi_tensor_scale_impl = utils.local_multi_tensor_scale
+    clip_grads.l2_norm_impl = utils.local_multi_tensor_l2_norm
+
+
 def _grad_clipping() -> None:
     """clip_grads.clip_grad_by_total_norm_fp32 asserts `grad.type() == 'torch.cuda.FloatTensor'`.
     The CPU version applies the same scaling (max_norm / (norm + 1e-6) when below 1)."""
@@ -213,12 +239,56 @@ def _moe_split_sizes() -> None:
 
 
 def _moe_router_gemm() -> None:
-    """moe_utils.RouterGatingLinearFunction tests `te_general_gemm is not None`, but the name is
-    only bound when Transformer Engine imported (moe_utils.py:1192); without TE it is None."""
+    """moe_utils.RouterGatingLinearFunction tests `te_general_gemm is not None` (moe_utils.py:1192),
+    but the name is bound only when Transformer Engine imports: a NameError without TE, and TE's
+    CUDA GEMM where TE imports but is not used (CUDA hidden, or a broken extension). Without a
+    usable TE the router takes its torch matmul."""
     from megatron.core.transformer.moe import moe_utils
 
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    moe_utils.te_general_gemm = None
+
+
+def _distributed_optimizer_state_on_load() -> None:
+    """With torch's Adam (no TE or Apex), DistributedOptimizer.state_dict() reads the Adam `step`
+    of every parameter's state (distrib_optimizer.py:642), but a freshly built torch optimizer has
+    no state until its first step, so building the sharded state dict to load a checkpoint into
+    fails. Megatron's FusedAdam keeps `step` in its parameter groups instead and has no such gap.
+    Before a load, torch's Adam gets the state its first step would create (zeros, step 0), which
+    the checkpoint then overwrites."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    sharded_state_dict = distrib_optimizer.DistributedOptimizer.sharded_state_dict
+
+    def with_initial_state(self, model_sharded_state_dict=None, is_loading=False, **kwargs):
+        if is_loading and not distrib_optimizer.HAVE_APEX_OR_TE and not self.optimizer.state:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                               "exp_avg_sq": torch.zeros_like(p)}
+        return sharded_state_dict(self, model_sharded_state_dict or {}, is_loading, **kwargs)
+
+    distrib_optimizer.DistributedOptimizer.sharded_state_dict = with_initial_state
+
+    # Loading then copies every state tensor of a parameter from the checkpoint's canonical form
+    # (distrib_optimizer.py:940), which holds param, exp_avg and exp_avg_sq; torch's per-parameter
+    # `step` is not among them. load_state_dict sets it from the parameter groups, as one tensor
+    # shared by every parameter (distrib_optimizer.py:826), which torch's foreach Adam would then
+    # advance once per parameter each step: each parameter gets its own copy back.
+    set_states = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states_but_step(self, model_param, tensors):
+        if distrib_optimizer.HAVE_APEX_OR_TE or "step" in tensors:
+            return set_states(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None)
+        try:
+            set_states(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step.clone()
+
+    distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = set_states_but_step
 
 
 def _uneven_sequence_parallel_collectives() -> None:

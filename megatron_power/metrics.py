@@ -6,6 +6,8 @@ import datetime
 import json
 import time
 
+import torch
+
 
 def _human(n: float) -> str:
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -69,8 +71,11 @@ class MetricsLogger:
         for name, group in zip(self.names, self.optimizer.param_groups):
             w.add_scalar(f"lr/{name}", group["lr"], step)
             w.add_scalar(f"lr-vs-tokens/{name}", group["lr"], tokens)
-        self._record(step=step, tokens=tokens, loss=loss, lr=lr, grad_norm=grad_norm,
-                     time=round(time.time() - self.start_time, 4))
+        row = dict(step=step, tokens=tokens, loss=loss, lr=lr, grad_norm=grad_norm,
+                   time=round(time.time() - self.start_time, 4))
+        if self.rt.hardware.cuda:  # this rank's peak, to hold against the planner's estimate
+            row["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        self._record(**row)
 
         interval = self.config.train.log_interval
         total = self.final_step

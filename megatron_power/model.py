@@ -12,7 +12,8 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_power import mup
+from megatron_power import hardware, mup
+from megatron_power.hardware import Hardware
 from megatron_power.norm import RMSNorm
 
 VOCAB_PAD_MULTIPLE = 128  # as Megatron-LM's --make-vocab-size-divisible-by
@@ -23,21 +24,15 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def transformer_engine_available() -> bool:
-    """TE only on machines with CUDA: importing it without a driver fails (see DESIGN.md)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def transformer_config(config, hw: Hardware = None) -> TransformerConfig:
+    """Megatron's config for a recipe on the machine `hw` describes (this one by default)."""
+    return TransformerConfig(**transformer_fields(config, hw or hardware.detect()))
 
 
-def transformer_config(config) -> TransformerConfig:
+def transformer_fields(config, hw: Hardware) -> dict:
     m, p = config.model, config.parallel
-    cuda = torch.cuda.is_available()
-    return TransformerConfig(
+    te = hw.transformer_engine
+    return dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
@@ -56,38 +51,42 @@ def transformer_config(config) -> TransformerConfig:
         attention_dropout=0.0,
         init_method_std=m.init_std,
         softmax_scale=mup.softmax_scale(config),
-        bf16=cuda,
-        params_dtype=torch.bfloat16 if cuda else torch.float32,
-        pipeline_dtype=torch.bfloat16 if cuda else torch.float32,
+        bf16=hw.bf16,
+        params_dtype=hw.dtype,
+        pipeline_dtype=hw.dtype,
         # Megatron's own init also marks tensor-parallel weights (grad-norm and checkpoint logic
         # rely on that); `initialize_weights` then redraws them identically for every layout.
         perform_initialization=True,
-        use_cpu_initialization=not cuda,
-        bias_activation_fusion=cuda,
-        masked_softmax_fusion=cuda,
-        apply_rope_fusion=False,
-        persist_layer_norm=cuda,
-        gradient_accumulation_fusion=False,
-        transformer_impl="transformer_engine" if transformer_engine_available() else "local",
-        **moe_fields(config),
-        **precision_fields(config),
+        use_cpu_initialization=not hw.cuda,
+        # Each fusion only where its kernel exists: Megatron imports some of them (Apex's fused
+        # softmax) with no fallback once the flag is on.
+        bias_activation_fusion=hw.cuda,
+        masked_softmax_fusion=hw.fused_softmax,
+        persist_layer_norm=hw.apex,
+        apply_rope_fusion=te,
+        gradient_accumulation_fusion=te,
+        transformer_impl=hw.layer_impl,
+        **moe_fields(config, hw),
+        **precision_fields(config, hw),
     )
 
 
-def precision_fields(config) -> dict:
+def precision_fields(config, hw: Hardware) -> dict:
     pr = config.precision
     fields = {}
-    if pr.recompute == "selective":
+    # Selective recompute drops the attention scores; Transformer Engine's fused attention never
+    # stores them, so there it has nothing left to recompute.
+    if pr.recompute == "selective" and not hw.transformer_engine:
         fields.update(recompute_granularity="selective")
     elif pr.recompute == "full":
         fields.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     # FP8 needs Transformer Engine's layers; elsewhere the recipe runs in bf16 / fp32.
-    if pr.fp8 and transformer_engine_available():
+    if pr.fp8 and hw.transformer_engine:
         fields.update(fp8=pr.fp8, fp8_recipe=pr.fp8_recipe, first_last_layers_bf16=pr.fp8_bf16_first_last)
     return fields
 
 
-def moe_fields(config) -> dict:
+def moe_fields(config, hw: Hardware) -> dict:
     m = config.model
     if m.num_experts is None:
         return {}
@@ -99,7 +98,10 @@ def moe_fields(config) -> dict:
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
         moe_token_dispatcher_type="alltoall" if config.parallel.ep > 1 else "allgather",
-        moe_grouped_gemm=transformer_engine_available(),
+        moe_grouped_gemm=hw.transformer_engine,
+        moe_permute_fusion=hw.transformer_engine,
+        # The router's softmax and top-k in fp32 under bf16 too, as on the CPU.
+        moe_router_dtype="fp32",
     )
 
 
@@ -129,10 +131,11 @@ def block_spec(tconfig: TransformerConfig, config) -> TransformerBlockSubmodules
                                       layer_norm=final_norm)
 
 
-def build_model(config, vocab_size: int, initialize: bool = True) -> GPTModel:
-    """This rank's GPTModel. `initialize=False` skips the weight draw (for the meta-device
-    planner, which only counts)."""
-    tconfig = transformer_config(config)
+def build_model(config, vocab_size: int, initialize: bool = True, hw: Hardware = None) -> GPTModel:
+    """This rank's GPTModel for the machine `hw` (this one by default). `initialize=False` skips
+    the weight draw (for the meta-device planner, which only counts)."""
+    hw = hw or hardware.detect()
+    tconfig = transformer_config(config, hw)
     model = GPTModel(
         config=tconfig,
         transformer_layer_spec=block_spec(tconfig, config),
@@ -145,7 +148,7 @@ def build_model(config, vocab_size: int, initialize: bool = True) -> GPTModel:
         rotary_base=config.model.rotary_base,
     )
     if initialize:
-        if torch.cuda.is_available():
+        if hw.cuda:
             model.cuda(torch.cuda.current_device())
         initialize_weights(model, config)
     mup.attach_multipliers(model, config)

@@ -32,17 +32,21 @@ class ParamCounts:
 
 
 def count_parameters(config, vocab_size: int) -> ParamCounts:
-    """Build the whole model (no parallelism) on the meta device and count its parameters."""
-    from megatron_power import runtime
+    """Build the whole model (no parallelism) on the meta device and count its parameters.
+
+    The build is the CPU's (Megatron's local layers, which have the same parameters as Transformer
+    Engine's) in a private single-process group, so that it allocates nothing on a GPU and can run
+    inside a launched job before its own process group starts."""
+    from megatron_power import hardware, runtime
     from megatron_power.model import build_model
 
     whole = replace(config, parallel=replace(config.parallel, tp=1, pp=1, ep=1, sequence_parallel=False))
     # Megatron's advice on kernels and recompute is for training; a build that only counts keeps quiet.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        runtime.initialize(whole)
+        runtime.initialize(whole, hw=hardware.CPU, alone=True)
         with torch.device("meta"):
-            model = build_model(whole, vocab_size, initialize=False)
+            model = build_model(whole, vocab_size, initialize=False, hw=hardware.CPU)
     counts = {"embedding": 0, "output": 0, "expert": 0, "dense_layers": 0}
     for name, p in model.named_parameters():
         if name.startswith("embedding."):
@@ -58,10 +62,14 @@ def count_parameters(config, vocab_size: int) -> ParamCounts:
 
 
 def flops_per_token(config, counts: ParamCounts) -> float:
-    """Training FLOPs per token: 6 x (active parameters + output layer) + attention's 12 x L x h x s."""
+    """Training FLOPs per token: 6 x (active parameters + output layer) + causal attention's 6 x L x h x s.
+
+    Attention's two matmuls (scores and their product with the values) cost 2 x 2 x s x h per
+    token and layer forward, 3x that with the backward; a causal mask halves the work, as
+    Megatron-LM counts it (and as fused attention kernels skip it)."""
     m = config.model
     # The logits matmul has the embedding's shape, tied or not.
-    return 6.0 * (counts.active(config) + counts.embedding) + 12.0 * m.num_layers * m.hidden_size * m.seq_length
+    return 6.0 * (counts.active(config) + counts.embedding) + 6.0 * m.num_layers * m.hidden_size * m.seq_length
 
 
 @dataclass
@@ -71,10 +79,16 @@ class Memory:
     optimizer: float
     activations: float
     activations_no_recompute: float
+    logits: float  # the output layer's logits and the cross-entropy's fp32 buffers
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+
+# Per logit of the micro-batch in flight: the bf16 logits, the cross-entropy's fp32 copy, and the
+# fp32 softmax it keeps for the backward pass (Megatron's vocab-parallel cross-entropy).
+LOGIT_BYTES = 2 + 4 + 4
 
 
 def memory_per_gpu(config, counts: ParamCounts, gpus: int) -> Memory:
@@ -109,7 +123,9 @@ def memory_per_gpu(config, counts: ParamCounts, gpus: int) -> Memory:
         if config.precision.recompute != "full":
             per_layer *= scale
     activations = per_layer * layers * in_flight
-    return Memory(weights, gradients, optimizer, activations, per_layer_full * layers * in_flight)
+    # The busiest GPU is the first stage; it is also the last (with the logits) without pipelining.
+    logits = s * b * counts.embedding / h / p.tp * LOGIT_BYTES if p.pp == 1 else 0.0
+    return Memory(weights, gradients, optimizer, activations, per_layer_full * layers * in_flight, logits)
 
 
 FIT_FRACTION = 0.9  # of a GPU's memory: the rest is for the CUDA context, NCCL and fragmentation
@@ -124,7 +140,8 @@ def fit_problem(config, vocab_size: int, gpus: int, capacity_gib: float):
     mem = memory_per_gpu(config, count_parameters(config, vocab_size), gpus)
     if fits(mem, capacity_gib):
         return None
-    parts = ", ".join(f"{name} {getattr(mem, name) / GIB:.1f}" for name in ("weights", "gradients", "optimizer", "activations"))
+    parts = ", ".join(f"{name} {getattr(mem, name) / GIB:.1f}"
+                      for name in ("weights", "gradients", "optimizer", "activations", "logits"))
     remedies = ["a smaller train.micro_batch_size", "larger parallel.tp / parallel.pp"]
     if config.precision.recompute != "full":
         remedies.insert(0, "precision.recompute=full")
@@ -132,6 +149,15 @@ def fit_problem(config, vocab_size: int, gpus: int, capacity_gib: float):
         remedies.append("parallel.distributed_optimizer=true")
     return (f"{config.name} on {gpus} GPU{'s' if gpus > 1 else ''} needs {mem.total / GIB:.1f} GiB per GPU ({parts}), "
             f"over {FIT_FRACTION:.0%} of {capacity_gib:.0f} GiB; try {', '.join(remedies)}")
+
+
+def training_refusal(config, vocab_size: int, hw, world_size: int):
+    """Why `train` must not start this layout on the machine `hw`, or None: on GPUs, the
+    planner's memory per GPU over what the GPU has (unless train.check_memory is off)."""
+    if not hw.cuda or not config.train.check_memory:
+        return None
+    problem = fit_problem(config, vocab_size, world_size, hw.gpu_memory_gib)
+    return problem and f"{problem}; or train.check_memory=false to start anyway"
 
 
 def report(config, counts: ParamCounts, gpus: int, capacity_gib: float = 80.0) -> list:
@@ -151,6 +177,8 @@ def report(config, counts: ParamCounts, gpus: int, capacity_gib: float = 80.0) -
         + ("  (sharded over data parallelism)" if p.distributed_optimizer else ""),
         f"  activations     {mem.activations / GIB:8.2f}  with recompute={config.precision.recompute}; "
         f"{mem.activations_no_recompute / GIB:.2f} without",
+        f"  logits          {mem.logits / GIB:8.2f}  (output layer and cross-entropy"
+        + (": held by the last pipeline stage, not this one)" if p.pp > 1 else ")"),
         f"  total           {mem.total / GIB:8.2f} of {capacity_gib:.0f}: "
         + (f"fits (under {FIT_FRACTION:.0%})" if fit else f"DOES NOT FIT (over {FIT_FRACTION:.0%})"),
     ]

@@ -1,4 +1,4 @@
-"""Process groups, Megatron parallel state, device choice and seeds."""
+"""Process groups, Megatron parallel state, this process's device and seeds."""
 
 from __future__ import annotations
 
@@ -10,43 +10,59 @@ import torch
 import torch.distributed as dist
 
 
+from megatron_power import hardware
+from megatron_power.hardware import Hardware
+
+
+class DeviceError(RuntimeError):
+    """This process has no device of its own to run on."""
+
+
 @dataclass
 class Runtime:
     rank: int
     world_size: int
+    hardware: Hardware
     device: torch.device
-    tp: int
-    pp: int
     dp: int
     dp_rank: int
-    is_first_stage: bool
     is_last_stage: bool
 
     @property
     def is_logger(self) -> bool:
-        """The rank that prints and writes TensorBoard: last pipeline stage, first of its TP/DP."""
+        """The rank that prints and writes TensorBoard: the last rank, which is on the last
+        pipeline stage (where the loss is)."""
         return self.rank == self.world_size - 1
 
 
-def initialize(config) -> Runtime:
-    """Start the process group (NCCL with CUDA, gloo without) and Megatron's parallel state."""
+def initialize(config, hw: Hardware = None, alone: bool = False) -> Runtime:
+    """Start the process group (NCCL on GPUs, gloo on CPUs) and Megatron's parallel state.
+
+    `hw` (default: this machine) says where the model will live; `alone=True` starts a private
+    single-process group whatever the launcher set, for a model that is only counted.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
     from megatron_power import cpu_compat
 
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        cpu_compat.install()
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    hw = hw or hardware.detect()
+    cpu_compat.install(hardware.detect())  # bridges for what this machine lacks, whatever `hw` plans
+    rank = 0 if alone else int(os.environ.get("RANK", "0"))
+    world_size = 1 if alone else int(os.environ.get("WORLD_SIZE", "1"))
+    if hw.cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceError(
+                f"process {local_rank} on this node has no GPU of its own ({torch.cuda.device_count()} visible): "
+                f"start one process per GPU, or hide CUDA (CUDA_VISIBLE_DEVICES='') to run on the CPU")
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         # torchrun and the SLURM script set MASTER_ADDR; a process started by hand gets a free port
         # of its own, not left in the environment, so that processes it starts pick their own.
-        init = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=world_size,
+        shared = "MASTER_ADDR" in os.environ and not alone
+        init = "env://" if shared else f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group("nccl" if hw.cuda else "gloo", init_method=init, rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=30))
     ps.initialize_model_parallel(
         tensor_model_parallel_size=config.parallel.tp,
@@ -59,12 +75,10 @@ def initialize(config) -> Runtime:
     return Runtime(
         rank=rank,
         world_size=world_size,
-        device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
-        tp=config.parallel.tp,
-        pp=config.parallel.pp,
+        hardware=hw,
+        device=torch.device("cuda", torch.cuda.current_device()) if hw.cuda else torch.device("cpu"),
         dp=ps.get_data_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(),
-        is_first_stage=ps.is_pipeline_first_stage(),
         is_last_stage=ps.is_pipeline_last_stage(),
     )
 

@@ -17,13 +17,14 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_power import checkpoint, mup, runtime
+from megatron_power import checkpoint, hardware, mup, plan, runtime
 from megatron_power.expert_load import ExpertLoad
 from megatron_power.signals import StopRequest
-from megatron_power.config import FINISHED, Config, from_yaml, model_differences, model_vocab_size, to_yaml
+from megatron_power.config import (FINISHED, Config, ConfigError, from_yaml, model_differences, model_vocab_size,
+                                   to_yaml, world_size_from_env)
 from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
 from megatron_power.metrics import MetricsLogger
-from megatron_power.model import build_model, transformer_engine_available
+from megatron_power.model import build_model
 from megatron_power.noise import FirstMicrobatchProbe, NoiseScaleAverage
 from megatron_power.scheduler import TokenScheduler, phase_tokens
 
@@ -45,7 +46,7 @@ class TrainState:
 
 
 def build_optimizer(config: Config, model):
-    cuda = torch.cuda.is_available()
+    hw = hardware.detect()
     optimizer_config = OptimizerConfig(
         optimizer="adam",
         lr=config.schedule.lr_max,
@@ -55,8 +56,8 @@ def build_optimizer(config: Config, model):
         adam_beta2=config.optim.beta2,
         adam_eps=config.optim.eps,
         clip_grad=config.train.clip_grad,
-        bf16=cuda,
-        params_dtype=torch.bfloat16 if cuda else torch.float32,
+        bf16=hw.bf16,
+        params_dtype=hw.dtype,
         use_distributed_optimizer=config.parallel.distributed_optimizer,
     )
     return get_megatron_optimizer(optimizer_config, [model],
@@ -215,9 +216,12 @@ def _check_same_model(source: Path, saved: Config, config: Config, vocab_size: i
 
 def train(config: Config, stop: StopRequest = None) -> TrainState:
     stop = stop or StopRequest()
-    rt = runtime.initialize(config)
     tokenizer = TokenizerInfo.from_sentencepiece(config.data.tokenizer)
     vocab_size = model_vocab_size(config, tokenizer.vocab_size)
+    refusal = plan.training_refusal(config, vocab_size, hardware.detect(), world_size_from_env())
+    if refusal:
+        raise ConfigError(refusal)
+    rt = runtime.initialize(config)
     gpt_model = build_model(config, vocab_size)
     model = wrap_model(config, gpt_model)
     m = config.model
@@ -236,8 +240,9 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     final_step = state.step + (t.tokens - state.consumed_tokens) // config.tokens_per_step
     log = MetricsLogger(config, rt, optimizer, start_step=state.step, final_step=final_step)
     log.info(message)
-    if config.precision.fp8 and rt.device.type == "cuda" and not transformer_engine_available():
-        log.info(f"precision.fp8={config.precision.fp8} is ignored: Transformer Engine is not installed, so this "
+    log.info(f"hardware: {rt.hardware.describe()}")
+    if config.precision.fp8 and rt.hardware.cuda and not rt.hardware.transformer_engine:
+        log.info(f"precision.fp8={config.precision.fp8} is ignored: Transformer Engine is not usable, so this "
                  f"run uses Megatron's local layer spec in bf16")
     if rt.rank == 0:
         config.run_dir.mkdir(parents=True, exist_ok=True)

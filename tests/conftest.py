@@ -4,14 +4,40 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# The suite runs on the CPU in fp32, where losses are compared exactly, even on a GPU host: CUDA
+# is hidden from this process and every process it starts, before anything imports torch. Tests
+# marked `gpu` hand the GPUs back to the processes they start (GPU_ENV).
+_VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+GPU_ENV = {"CUDA_VISIBLE_DEVICES": _VISIBLE}  # None: unset, every GPU visible
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+
+
+def _count_gpus() -> int:
+    """GPUs the processes of `gpu` tests will see (asked of a process of their own)."""
+    if _VISIBLE == "" or shutil.which("nvidia-smi") is None:
+        return 0
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           env=environment(GPU_ENV), capture_output=True, text=True)
+    return int(probe.stdout.strip() or 0) if probe.returncode == 0 else 0
+
+
+def environment(env_vars) -> dict:
+    """This process's environment with `env_vars` added; a None value removes the variable."""
+    env = {**os.environ, **(env_vars or {})}
+    return {k: v for k, v in env.items() if v is not None}
+
+
+GPUS = _count_gpus()
 
 # A proxy small enough for 2 CPU cores; the same architecture as recipes/proxy.yaml.
 SEQ, BATCH = 128, 16
@@ -34,14 +60,14 @@ def default_data():
 def run_train(out_dir: Path, name: str, overrides, nproc: int = 1, check: bool = True,
               recipe: str = "proxy", flags=(), env_vars=None, **popen) -> subprocess.CompletedProcess:
     """`megatron-power train RECIPE ...` (under torchrun when nproc > 1), run from the repo root,
-    with `env_vars` added to the environment."""
+    with `env_vars` added to the environment (None removes one)."""
     if nproc == 1:
         cmd = [str(BIN / "megatron-power")]
     else:
         cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "megatron_power.cli"]
     cmd += ["train", recipe, *flags, f"out_dir={out_dir}", f"name={name}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-           **(env_vars or {})}
+    env = environment({"OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+                        **(env_vars or {})})
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, **popen)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-4000:]}")

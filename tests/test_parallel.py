@@ -3,6 +3,9 @@ proxy recipe's default), and, where each rank sees the whole global batch (TP, P
 noise scale's per-step estimates too: the first micro-batch's gradient is then the same one,
 assembled from TP shards, sequence-parallel parts and the tied embedding's two pipeline copies.
 
+The distributed optimizer's run also stops half-way and resumes from its checkpoint: its sharded
+Adam state must come back exactly for the losses to match.
+
 Weights are drawn per global parameter key (model.initialize_weights) and every layout sees the
 same global batches, so the only differences are floating-point reduction orders. Tolerance:
 1e-4 absolute on losses of 6 to 9 nats (seen: agreement to about 1e-6).
@@ -36,17 +39,21 @@ def reference(default_data, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,layout,data_parallel", [
-    (2, ["parallel.tp=2"], False),
-    (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], False),
-    (2, ["parallel.pp=2"], False),
-    (2, [], True),
-    (2, ["parallel.distributed_optimizer=true"], True),
-    (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], False),
-], ids=["tp2", "tp2-sp", "pp2", "dp2", "dp2-distopt", "tp2xpp2-sp"])
-def test_layout_matches_single_process(reference, tmp_path, nproc, layout, data_parallel):
+@pytest.mark.parametrize("nproc,layout,data_parallel,resume_at", [
+    (2, ["parallel.tp=2"], False, None),
+    (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], False, None),
+    (2, ["parallel.pp=2"], False, None),
+    (2, [], True, None),
+    (2, ["parallel.distributed_optimizer=true"], True, STEPS // 2),
+    (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], False, None),
+], ids=["tp2", "tp2-sp", "pp2", "dp2", "dp2-distopt-resumed", "tp2xpp2-sp"])
+def test_layout_matches_single_process(reference, tmp_path, nproc, layout, data_parallel, resume_at):
     reference_losses, reference_noise = reference
-    run_train(tmp_path, "layout", OVERRIDES + layout, nproc=nproc)
+    if resume_at:
+        run_train(tmp_path, "layout", OVERRIDES + layout + [f"train.tokens={resume_at * 16 * 128}"], nproc=nproc)
+        assert max(metrics(tmp_path / "layout")[0]) == resume_at
+    result = run_train(tmp_path, "layout", OVERRIDES + layout, nproc=nproc)
+    assert ("resumed from" in result.stdout) == bool(resume_at)
     losses = metrics(tmp_path / "layout")[0]
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):

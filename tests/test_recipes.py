@@ -35,7 +35,7 @@ def test_parameter_counts_match_the_paper(recipe):
 
 
 def test_plan_over_memory_says_so_and_fails():
-    fits = subprocess.run([str(BIN / "megatron-power"), "plan", "dense3b", "--gpus", "1"], cwd=ROOT,
+    fits = subprocess.run([str(BIN / "megatron-power"), "plan", "dense3b", "--gpus", "8"], cwd=ROOT,
                           capture_output=True, text=True)
     over = subprocess.run([str(BIN / "megatron-power"), "plan", "dense3b", "--gpus", "1", "train.micro_batch_size=8"],
                           cwd=ROOT, capture_output=True, text=True)
@@ -69,3 +69,17 @@ def test_stage2_recipe_continues_its_stage1_model(stage1):
     assert second.model == first.model and second.mup == first.mup and second.parallel == first.parallel
     assert (second.train.stage, second.schedule.kind) == (2, "power")
     assert second.train.tokens > first.train.tokens and second.schedule.decay > 0 == first.schedule.decay
+
+
+def test_flops_per_token_count_causal_attention():
+    from megatron_power import plan
+    from megatron_power.config import load_config
+
+    config = load_config("dense3b", check_paths=False)
+    counts = plan.count_parameters(config, config.model.vocab_size)
+    # 6 FLOPs per parameter a token meets (the tied embedding counted once, as the logits matmul),
+    # and the causal half of attention's 12 x layers x width x sequence (as Megatron-LM counts).
+    weights = 6 * (counts.active(config) + 49152 * 2304)
+    attention = 12 * 40 * 2304 * 4096 / 2
+    assert plan.flops_per_token(config, counts) == weights + attention
+    assert plan.flops_per_token(config, counts) == pytest.approx(23.33e9, rel=1e-3)

@@ -1,0 +1,122 @@
+"""`make gpu-check`: the whole GPU check in one command, written to one report folder.
+
+On a GPU machine with the packages installed it runs, in order:
+1. the machine and versions (GPU, driver, torch, CUDA, Transformer Engine, megatron-core, and the
+   policy hardware.py decided);
+2. the GPU tests (tests/test_gpu.py: bf16 and FP8 against fp32 on the CPU, TE layers against local
+   ones, grouped-GEMM experts, checkpoints across GPU and CPU and to Hugging Face, coordinate check);
+3. the MFU benchmark (bench/gpu_mfu.py: dense3b and moe3b, bf16 and FP8, depth cut to fit), with
+   peak memory against the planner's estimate;
+4. the coordinate check on the GPU path, as a plot.
+
+    python bench/gpu_check.py [--out runs/gpu-check] [--steps 12] [--warmup 4] [--accumulation 8]
+
+Each part's full output is kept beside report.md; a part that fails is reported and the rest run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from megatron_power import hardware  # noqa: E402
+
+
+def run(name: str, cmd: list, out: Path) -> dict:
+    """Run one part, its output to OUT/NAME.log; how it went and how long it took."""
+    start = time.time()
+    with open(out / f"{name}.log", "w") as log:
+        code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.time() - start
+    print(f"{name}: {'ok' if code == 0 else f'FAILED ({code})'} in {seconds:.0f} s -> {out / (name + '.log')}",
+          flush=True)
+    return {"part": name, "exit_code": code, "seconds": round(seconds, 1)}
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for package in ("torch", "megatron-core", "transformer-engine", "transformer-engine-cu13", "transformer_engine_torch"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    import torch
+
+    found["cuda"] = torch.version.cuda
+    found["cudnn"] = torch.backends.cudnn.version() if torch.cuda.is_available() else None
+    return found
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu-check")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--accumulation", type=int, default=8)
+    args = p.parse_args()
+    hw = hardware.detect()
+    if not hw.cuda:
+        sys.exit("make gpu-check needs a CUDA GPU; none was found")
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+
+    machine = {"policy": hw.describe(), "gpu": hw.gpu_name, "gpu_memory_gib": round(hw.gpu_memory_gib, 1),
+               "bf16_peak_tflops": hardware.bf16_peak_tflops(hw.gpu_name), **versions()}
+    if shutil.which("nvidia-smi"):
+        machine["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                                "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    (out / "machine.json").write_text(json.dumps(machine, indent=1))
+    print(json.dumps(machine, indent=1), flush=True)
+
+    parts = [
+        run("tests", [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v",
+                      f"--junitxml={out / 'tests.xml'}"], out),
+        run("mfu", [sys.executable, "bench/gpu_mfu.py", "--steps", str(args.steps), "--warmup", str(args.warmup),
+                    "--accumulation", str(args.accumulation), "--json", str(out / "mfu.json")], out),
+        run("coordcheck", [sys.executable, "-m", "megatron_power.cli", "coordcheck", "proxy", "--widths",
+                           "128,256,512,1024", "--steps", "7", "--out", str(out / "coordcheck"),
+                           "model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
+                           "train.micro_batch_size=8", f"out_dir={out}"], out),
+    ]
+    write_report(out, machine, parts, time.time() - start)
+    sys.exit(0 if all(part["exit_code"] == 0 for part in parts) else 1)
+
+
+def write_report(out: Path, machine: dict, parts: list, seconds: float) -> None:
+    lines = ["# GPU check", "", f"{machine['policy']}", "",
+             "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in machine.items() if k != "policy"]
+    lines += ["", f"Total {seconds / 60:.1f} min.", "", "| part | result | seconds |", "|---|---|---|"]
+    lines += [f"| {p['part']} | {'ok' if p['exit_code'] == 0 else 'FAILED'} | {p['seconds']} |" for p in parts]
+    tests_log = (out / "tests.log").read_text() if (out / "tests.log").is_file() else ""
+    summary = [line for line in tests_log.splitlines() if " PASSED" in line or " FAILED" in line or " SKIPPED" in line]
+    lines += ["", "## Tests", ""] + [f"    {line}" for line in summary]
+    if (out / "mfu.json").is_file():
+        table = json.loads((out / "mfu.json").read_text())
+        lines += ["", "## MFU", "", f"Against the dense bf16 peak of {table['device']}: {table['bf16_peak_tflops']:.0f} "
+                  "TFLOP/s (causal attention counted as half).", "",
+                  "| recipe | layers | precision | tokens/s | TFLOP/s | MFU | peak GiB | planned GiB | peak/plan |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['recipe']} | {r['layers']} | {r['precision']} | {r['tokens_per_s']:,} | {r['tflops']} | "
+                  f"{r['mfu']:.1%} | {r['peak_gib']:.2f} | {r['planned_gib']:.2f} | {r['peak_vs_plan']:.2f} |"
+                  for r in table["rows"]]
+    coord = out / "coordcheck.log"
+    if coord.is_file():
+        lines += ["", "## Coordinate check (GPU)", ""] + [f"    {line}" for line in coord.read_text().splitlines()
+                                                          if line.startswith(("slope", "   "))]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

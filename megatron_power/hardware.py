@@ -1,0 +1,116 @@
+"""What this machine can run, decided once at start-up.
+
+Every choice that depends on the machine (device, bf16 or fp32, Transformer Engine's layers or
+Megatron's local ones, which fused kernels, FP8, grouped-GEMM experts) is read from the one
+`Hardware` that `detect()` returns, so the model, the optimizer, the tests and the log lines cannot
+disagree about it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# What Megatron-Core imports to decide that Transformer Engine is there (its `HAVE_TE`). The bare
+# `transformer_engine` package imports even when its torch extension is missing or was built
+# against another torch, so it proves nothing.
+TE_MODULE = "transformer_engine.pytorch.fp8"
+FUSED_SOFTMAX_MODULE = "scaled_masked_softmax_cuda"  # Apex's kernel behind masked_softmax_fusion
+APEX_MODULE = "apex"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cuda: bool
+    transformer_engine: bool  # usable: only ever True with CUDA
+    apex: bool
+    fused_softmax: bool
+    gpu_name: str = ""
+    gpu_memory_gib: float = 0.0
+    gpus: int = 0
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.cuda else "cpu"
+
+    @property
+    def bf16(self) -> bool:
+        """Training precision: bf16 on GPUs; fp32 on CPUs, where the tests compare exact losses."""
+        return self.cuda
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    @property
+    def layer_impl(self) -> str:
+        return "transformer_engine" if self.transformer_engine else "local"
+
+    def describe(self) -> str:
+        if not self.cuda:
+            return "CPU, fp32, Megatron's local layers"
+        layers = "Transformer Engine layers" if self.transformer_engine else \
+            "Megatron's local layers (Transformer Engine is not usable: no FP8, no grouped-GEMM experts)"
+        return f"{self.gpus} x {self.gpu_name} ({self.gpu_memory_gib:.0f} GiB), bf16, {layers}"
+
+
+def importable(module: str) -> bool:
+    """Whether `module` imports; a compiled extension that fails to load counts as absent."""
+    try:
+        importlib.import_module(module)
+    except Exception:  # ImportError, or OSError / RuntimeError from a shared library that fails to load
+        return False
+    return True
+
+
+def decide(cuda: bool, can_import: Callable[[str], bool] = importable) -> Hardware:
+    """The policy for a machine with or without CUDA, given which optional modules import.
+
+    Nothing optional is imported without CUDA: Transformer Engine fails there, and the CPU path is
+    Megatron's local spec in fp32.
+    """
+    if not cuda:
+        return Hardware(cuda=False, transformer_engine=False, apex=False, fused_softmax=False)
+    props = torch.cuda.get_device_properties(torch.cuda.current_device()) if torch.cuda.is_available() else None
+    return Hardware(
+        cuda=True,
+        transformer_engine=can_import(TE_MODULE),
+        apex=can_import(APEX_MODULE),
+        fused_softmax=can_import(FUSED_SOFTMAX_MODULE),
+        gpu_name=props.name if props else "",
+        gpu_memory_gib=props.total_memory / 2**30 if props else 0.0,
+        gpus=torch.cuda.device_count() if props else 0,
+    )
+
+
+@functools.cache
+def detect() -> Hardware:
+    """This process's machine, probed once."""
+    return decide(torch.cuda.is_available())
+
+
+CPU = decide(cuda=False)
+
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, by what
+# torch.cuda.get_device_name() says; the first match wins, so variants come before their family.
+BF16_PEAK_TFLOPS = (
+    (r"H100.*PCIe", 756.0),
+    (r"H100.*NVL", 835.0),
+    (r"H200.*NVL", 835.0),
+    (r"H800.*PCIe", 756.0),
+    (r"GH200|H200|H100|H800", 989.0),  # SXM parts and Grace Hopper
+    (r"A100", 312.0),
+)
+
+
+def bf16_peak_tflops(gpu_name: str):
+    """The dense bf16 peak of the GPU named `gpu_name`, or None for a GPU not in the table."""
+    for pattern, tflops in BF16_PEAK_TFLOPS:
+        if re.search(pattern, gpu_name):
+            return tflops
+    return None

@@ -1,0 +1,133 @@
+"""The machine policy (hardware.py), for each kind of machine a run may meet, and what the model,
+the optimizer and the planner read from it. Every case runs here, on a CPU: the policy is
+computed from which modules import, and Megatron's config is checked field by field."""
+
+import subprocess
+import sys
+import textwrap
+
+from conftest import ROOT
+
+from megatron_power import hardware, plan
+from megatron_power.config import load_config
+from megatron_power.hardware import Hardware
+from megatron_power.model import transformer_fields
+
+CPU = hardware.CPU
+GPU_ONLY = Hardware(cuda=True, transformer_engine=False, apex=False, fused_softmax=False,
+                    gpu_name="NVIDIA H100 80GB HBM3", gpu_memory_gib=79.1, gpus=1)
+GPU_TE = Hardware(cuda=True, transformer_engine=True, apex=False, fused_softmax=False,
+                  gpu_name="NVIDIA H100 80GB HBM3", gpu_memory_gib=79.1, gpus=8)
+
+
+def modules(*present):
+    return lambda name: name in present
+
+
+def test_policy_for_each_machine():
+    assert hardware.decide(False, modules(hardware.TE_MODULE, hardware.APEX_MODULE)) == CPU
+    assert (CPU.device_type, CPU.bf16, CPU.layer_impl) == ("cpu", False, "local")
+    no_te = hardware.decide(True, modules())
+    assert (no_te.cuda, no_te.bf16, no_te.transformer_engine, no_te.fused_softmax) == (True, True, False, False)
+    assert no_te.layer_impl == "local"
+    with_te = hardware.decide(True, modules(hardware.TE_MODULE))
+    assert with_te.layer_impl == "transformer_engine" and with_te.bf16
+    with_apex = hardware.decide(True, modules(hardware.APEX_MODULE, hardware.FUSED_SOFTMAX_MODULE))
+    assert with_apex.apex and with_apex.fused_softmax and with_apex.layer_impl == "local"
+
+
+def test_transformer_engine_with_a_broken_torch_extension_is_not_used(tmp_path, monkeypatch):
+    # As TE ships: the package's __init__ imports, its torch part fails to load its extension.
+    package = tmp_path / "transformer_engine"
+    (package / "pytorch").mkdir(parents=True)
+    (package / "__init__.py").write_text("try:\n    from . import pytorch\nexcept ImportError:\n    pass\n")
+    (package / "pytorch" / "__init__.py").write_text(
+        "raise ImportError('libtransformer_engine_torch.so: undefined symbol')\n")
+    (package / "pytorch" / "fp8.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert hardware.importable("transformer_engine")
+        assert not hardware.importable(hardware.TE_MODULE)
+        assert hardware.decide(True).layer_impl == "local"
+    finally:  # Megatron, imported by later tests, must not find this package
+        for name in [n for n in sys.modules if n.startswith("transformer_engine")]:
+            del sys.modules[name]
+
+
+def _fields(overrides, hw):
+    return transformer_fields(load_config("proxy", overrides, check_paths=False), hw)
+
+
+MOE = ["model.num_experts=4", "model.moe_topk=2", "model.moe_ffn_hidden_size=128"]
+
+
+def test_model_reads_the_policy():
+    cpu = _fields(MOE + ["precision.fp8=hybrid", "precision.recompute=selective"], CPU)
+    assert (cpu["bf16"], cpu["transformer_impl"], cpu["use_cpu_initialization"]) == (False, "local", True)
+    assert "fp8" not in cpu and not cpu["moe_grouped_gemm"] and cpu["recompute_granularity"] == "selective"
+
+    # A GPU without TE or Apex: bf16, and no flag whose kernel is missing. masked_softmax_fusion
+    # would import Apex's scaled_masked_softmax_cuda in the first forward.
+    gpu = _fields(MOE + ["precision.fp8=hybrid"], GPU_ONLY)
+    assert gpu["bf16"] and gpu["transformer_impl"] == "local" and not gpu["use_cpu_initialization"]
+    assert not any(gpu[f] for f in ("masked_softmax_fusion", "persist_layer_norm", "apply_rope_fusion",
+                                    "gradient_accumulation_fusion", "moe_grouped_gemm", "moe_permute_fusion"))
+    assert "fp8" not in gpu and gpu["moe_router_dtype"] == "fp32"
+
+    te = _fields(MOE + ["precision.fp8=hybrid", "precision.recompute=selective"], GPU_TE)
+    assert te["transformer_impl"] == "transformer_engine" and te["fp8"] == "hybrid"
+    assert te["moe_grouped_gemm"] and te["moe_permute_fusion"] and te["gradient_accumulation_fusion"]
+    assert te["moe_router_dtype"] == "fp32"
+    # Fused attention never stores the scores that selective recompute would drop.
+    assert "recompute_granularity" not in te
+
+
+def test_bridges_for_a_gpu_without_transformer_engine():
+    # In a process of its own: the bridges change Megatron's modules for the rest of a process.
+    script = textwrap.dedent("""
+        import torch
+        from megatron_power import cpu_compat
+        from megatron_power.hardware import Hardware
+        from megatron.core.transformer.moe import moe_utils
+        current_device = torch.cuda.current_device
+        cpu_compat.install(Hardware(cuda=True, transformer_engine=False, apex=False, fused_softmax=False))
+        assert moe_utils.te_general_gemm is None  # the router's test of it no longer raises NameError
+        assert torch.cuda.current_device is current_device  # no CPU bridge on a GPU machine
+    """)
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, capture_output=True)
+
+
+def test_training_refuses_a_layout_the_planner_says_does_not_fit():
+    config = load_config("dense3b", ["parallel.tp=1", "parallel.pp=1"], 1, check_paths=False)
+    refusal = plan.training_refusal(config, config.model.vocab_size, GPU_ONLY, 1)
+    assert refusal.startswith("dense3b on 1 GPU needs") and "train.check_memory=false" in refusal
+    assert plan.training_refusal(config, config.model.vocab_size, CPU, 1) is None
+    unchecked = load_config("dense3b", ["parallel.tp=1", "parallel.pp=1", "train.check_memory=false"], 1,
+                            check_paths=False)
+    assert plan.training_refusal(unchecked, config.model.vocab_size, GPU_ONLY, 1) is None
+    fits = load_config("dense3b", [], 64, check_paths=False)
+    assert plan.training_refusal(fits, config.model.vocab_size, GPU_ONLY, 64) is None
+
+
+def test_mfu_peak_is_that_of_the_exact_device():
+    assert hardware.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0  # SXM
+    assert hardware.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert hardware.bf16_peak_tflops("NVIDIA H100 NVL") == 835.0
+    assert hardware.bf16_peak_tflops("NVIDIA H200") == 989.0
+    assert hardware.bf16_peak_tflops("NVIDIA GH200 480GB") == 989.0
+    assert hardware.bf16_peak_tflops("NVIDIA GeForce RTX 4090") is None
+
+
+def test_gpu_extra_takes_only_a_transformer_engine_megatron_core_supports():
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    ours = next(Requirement(r) for r in extra if Requirement(r).name == "transformer-engine")
+    theirs = next(Requirement(r) for r in importlib.metadata.requires("megatron-core")
+                  if Requirement(r).name == "transformer-engine")
+    candidates = [f"2.{minor}.{patch}" for minor in range(6, 25) for patch in range(3)]
+    allowed = [v for v in candidates if ours.specifier.contains(v, prereleases=True)]
+    assert allowed and all(theirs.specifier.contains(v, prereleases=True) for v in allowed)
