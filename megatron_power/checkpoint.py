@@ -5,15 +5,21 @@ Layout under the checkpoint directory:
     latest               text file naming the newest complete checkpoint, replaced atomically
 
 A crash while saving leaves at most a *.tmp directory, which is never read, and the previous
-checkpoint and marker untouched.
+checkpoint and marker untouched. A run resumes from the newest complete checkpoint whose files are
+whole (`intact`), whatever the marker says: a missing, garbled or stale marker, or a newest
+checkpoint damaged by a copy or a full disk, costs the steps since the previous one, never the run.
+Pruning only removes checkpoints older than the one just written.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -49,7 +55,7 @@ def _sharded_state_dict(model, optimizer, state: Optional[dict], is_loading: boo
 
 
 def save(root: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
-    """Save a complete checkpoint of `step`, then point "latest" at it and prune old ones."""
+    """Save a complete checkpoint of `step`, then point "latest" at it and prune older ones."""
     final = root / f"iter_{step:07d}"
     tmp = root / f"iter_{step:07d}.tmp"
     rank0 = dist.get_rank() == 0
@@ -60,36 +66,128 @@ def save(root: Path, step: int, model, optimizer, state: dict, keep: int) -> Pat
     from megatron.core import dist_checkpointing
 
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(model, optimizer, state, is_loading=False), str(tmp))
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        dist_checkpointing.save(_sharded_state_dict(model, optimizer, state, is_loading=False), str(tmp))
+    except (OSError, RuntimeError, CheckpointException) as e:
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _no_space(e, root):
+            raise CheckpointError(f"no space left on device while saving {final} (the partial save was removed; "
+                                  f"{latest(root) or 'no earlier checkpoint'} is the latest)") from None
+        raise
     dist.barrier()
     if rank0:
-        if final.exists():  # the same step saved before (a rerun of a finished run): replace it
+        if final.exists():  # the same step saved before (a rerun, or a damaged copy): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
         marker = root / (LATEST + ".tmp")
         marker.write_text(final.name + "\n")
         os.replace(marker, root / LATEST)
-        _prune(root, keep)
+        _prune(root, step, keep)
     dist.barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in complete[:-keep]:
+def _no_space(error: BaseException, root: Path) -> bool:
+    """Whether a save failed for want of disk space: torch's zip writer reports a full disk only
+    as "unexpected pos", so the disk itself is asked too."""
+    errors = [error]
+    while errors:
+        error = errors.pop()
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        errors += [e for e in (error.__cause__, error.__context__) if e is not None]
+        # CheckpointException: (exception, traceback) for each rank that failed
+        errors += [f[0] if isinstance(f, tuple) else f for f in getattr(error, "failures", {}).values()]
+    return shutil.disk_usage(root).free < 64 * 2**20
+
+
+_NAME = re.compile(r"iter_(\d{7})")
+
+
+def _checkpoints(root: Path) -> List[Path]:
+    """The complete checkpoints (renamed from .tmp, with metadata.json), oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / "metadata.json").is_file())
+
+
+def _prune(root: Path, step: int, keep: int) -> None:
+    """Keep the checkpoint of `step` and the keep - 1 newest before it; never touch later ones (a run
+    that fell back from a damaged checkpoint writes below it until it saves that step again)."""
+    older = [p for p in _checkpoints(root) if int(_NAME.fullmatch(p.name).group(1)) < step]
+    for old in older[:max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def latest(root: Path) -> Optional[Path]:
-    """The newest complete checkpoint, or None when there is none."""
+def intact(path: Path) -> Optional[str]:
+    """Why the checkpoint at `path` cannot be loaded, in a few words; None when its files are whole:
+    metadata.json, the common state with its config, the tensor index (.metadata), and every .distcp
+    file as long as the index says."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        json.loads((path / "metadata.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"metadata.json is unreadable ({e.__class__.__name__})"
+    try:
+        saved_state(path)
+    except CheckpointError as e:
+        return str(e)
+    except Exception as e:  # a truncated pickle raises anything from EOFError to RuntimeError
+        return f"common.pt is unreadable ({e.__class__.__name__})"
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as e:
+        return f"its tensor index .metadata is unreadable ({e.__class__.__name__})"
+    ends: dict = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = path / name
+        size = file.stat().st_size if file.is_file() else None
+        if size is None or size < end:
+            return f"{name} is {'missing' if size is None else f'{size} bytes'}, its index needs {end}"
+    return None
+
+
+def newest(root: Path) -> Tuple[Optional[Path], List[str]]:
+    """The checkpoint a run in `root` resumes from (None: there is none), and one line for each
+    thing passed over on the way (a missing or garbled marker, each damaged checkpoint).
+
+    Raises CheckpointError when checkpoints exist but none is intact: a run must not silently
+    start again from step 0 over them."""
+    notes = []
     marker = root / LATEST
-    if not marker.is_file():
-        return None
-    path = root / marker.read_text().strip()
-    if not (path / "metadata.json").is_file():
-        raise CheckpointError(f"{marker} names {path}, which is not a complete checkpoint "
-                              f"(expected a dist_checkpointing directory with metadata.json)")
-    return path
+    candidates = _checkpoints(root)
+    named = None
+    if marker.is_file():
+        named = marker.read_bytes().decode("utf-8", errors="replace").strip()
+        if not (_NAME.fullmatch(named) and (root / named) in candidates):
+            notes.append(f"{marker} names '{named[:40]}', which is not a complete checkpoint; "
+                         f"looking for the newest one")
+    elif candidates:
+        notes.append(f"{marker} is missing; looking for the newest complete checkpoint")
+    for path in reversed(candidates):
+        problem = intact(path)
+        if problem is None:
+            if notes or (named and named != path.name):
+                notes.append(f"resuming from {path}, the newest intact checkpoint")
+            return path, notes
+        notes.append(f"checkpoint {path} is damaged: {problem}; passing over it")
+    if candidates:
+        raise CheckpointError(f"no checkpoint in {root} is intact (" + "; ".join(notes) + "); nothing was changed")
+    if named is not None:
+        raise CheckpointError(f"{marker} names {named[:40]}, but {root} holds no complete checkpoint "
+                              f"(expected an iter_* directory with metadata.json)")
+    return None, notes
+
+
+def latest(root: Path) -> Optional[Path]:
+    """The newest intact checkpoint in `root`, or None when there is none."""
+    return newest(root)[0]
 
 
 def resolve(path: Path) -> Path:

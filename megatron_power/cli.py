@@ -11,6 +11,12 @@ import warnings
 # Megatron-Core warns at import that it uses its own kernels without Transformer Engine and Apex:
 # the expected state on CPU machines and login nodes (a GPU run without TE says so in its log).
 warnings.filterwarnings("ignore", message="(Transformer Engine and Apex are|Apex is) not installed")
+# Megatron's and torch's notices about their own internals, printed on every run or every resume;
+# nothing a user of a recipe can act on.
+warnings.filterwarnings("ignore", message="full scope is deprecated")
+warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
+warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.checkpoint")
 
 
 def _train(args) -> int:
@@ -335,6 +341,8 @@ def _recipe_verb(verbs, name: str, run, help: str) -> argparse.ArgumentParser:
 
 
 def parser() -> argparse.ArgumentParser:
+    from megatron_power.config import DEFAULT_DATA_DIR
+
     p = argparse.ArgumentParser(prog="megatron-power", description=__doc__)
     verbs = p.add_subparsers(dest="verb", required=True)
 
@@ -343,7 +351,7 @@ def parser() -> argparse.ArgumentParser:
                        help="the recipe shrunk to CPU size, same structure and layout kinds (parallel sizes capped at 2)")
 
     data = verbs.add_parser("data", help="build the default corpus, tokenizer and indexed datasets")
-    data.add_argument("--out", default="data/stdlib")
+    data.add_argument("--out", default=str(DEFAULT_DATA_DIR))
     data.add_argument("--vocab-size", type=int, default=8192)
     data.set_defaults(run=_data)
 
@@ -446,6 +454,9 @@ def main(argv=None) -> int:
         cli.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one elsewhere
+        print("interrupted", file=sys.stderr)
+        return 130
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

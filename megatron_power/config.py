@@ -17,6 +17,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# Where `megatron-power data` (and `make data`) builds the default corpus: inside the repository,
+# so that a run started from any folder finds it.
+DEFAULT_DATA_DIR = RECIPES_DIR.parent / "data" / "stdlib"
 FINISHED = "finished.json"  # in a run directory once the run has reached its token budget
 
 
@@ -81,9 +84,9 @@ class PrecisionConfig:
 class DataConfig:
     # Blends: [weight, path prefix, weight, path prefix, ...] as Megatron-LM writes them,
     # or just [path prefix].
-    train: List[str] = field(default_factory=lambda: ["data/stdlib/train"])
-    valid: List[str] = field(default_factory=lambda: ["data/stdlib/valid"])
-    tokenizer: str = "data/stdlib/tokenizer.model"
+    train: List[str] = field(default_factory=lambda: [str(DEFAULT_DATA_DIR / "train")])
+    valid: List[str] = field(default_factory=lambda: [str(DEFAULT_DATA_DIR / "valid")])
+    tokenizer: str = str(DEFAULT_DATA_DIR / "tokenizer.model")
     cache_dir: Optional[str] = None  # Megatron's index cache; default: <run dir>/data_cache
 
 
@@ -218,6 +221,29 @@ def _all_keys(node, prefix=""):
             yield from _all_keys(value, dotted + ".")
 
 
+def load_yaml(path: Path, what: str):
+    """A YAML file as an OmegaConf node; a syntax error, or a file that is not a mapping, becomes
+    one line naming the file and the line."""
+    import yaml
+
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{what} {path}: YAML syntax error{where}: {getattr(e, 'problem', None) or e}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{what} {path}: {omegaconf_message(e)}") from None
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"{what} {path}: expected a mapping of keys to values, found a {type(node).__name__}")
+    return node
+
+
+def omegaconf_message(err: OmegaConfBaseException) -> str:
+    """The first line of an OmegaConf error (some carry their text only in str())."""
+    return (err.msg or str(err) or err.__class__.__name__).splitlines()[0]
+
+
 def _unknown_key_message(err: OmegaConfBaseException, schema, source: str) -> str:
     key = getattr(err, "full_key", None) or str(err).split("'")[1]
     known = list(_all_keys(schema))
@@ -241,7 +267,7 @@ def _recipe_layers(recipe: str, seen=()) -> list:
     path = recipe_path(recipe)
     if path in seen:
         raise ConfigError(f"recipe {path.name}: 'base' makes a cycle ({' -> '.join(p.stem for p in seen)})")
-    layer = OmegaConf.load(path)
+    layer = load_yaml(path, "recipe")
     base = layer.pop("base", None)
     own = [(layer, f"recipe {path.name}")]
     return (_recipe_layers(str(base), seen + (path,)) if base else []) + own
@@ -265,14 +291,17 @@ def load_config(recipe: str, overrides: List[str] = (), world_size: Optional[int
     layers = _recipe_layers(recipe) + [(_parse_overrides(overrides), "override")]
     merged = schema
     for layer, source in layers:
+        for key in layer:
+            if OmegaConf.is_dict(schema.get(key)) and not OmegaConf.is_dict(layer[key]):
+                raise ConfigError(f"{source}: {key}: expected a section of {key}.* settings, got {layer[key]!r}")
         _normalize_counts(layer, source)
         try:
             merged = OmegaConf.merge(merged, layer)
         except (ConfigKeyError, ConfigAttributeError) as e:
             raise ConfigError(_unknown_key_message(e, schema, source)) from None
         except OmegaConfBaseException as e:
-            key = getattr(e, "full_key", "?")
-            raise ConfigError(f"{source}: {key}: {e.msg.splitlines()[0]}") from None
+            key = getattr(e, "full_key", None) or "?"
+            raise ConfigError(f"{source}: {key}: {omegaconf_message(e)}") from None
     config: Config = OmegaConf.to_object(merged)
     if smoke:
         config = shrink(config)
@@ -409,7 +438,7 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
          f"precision.recompute '{pr.recompute}' is unknown; expected none, selective or full")
     errors += scheduler.validate(c.schedule, t.tokens)
     if check_paths:
-        errors += _validate_data(c.data)
+        errors += _validate_data(c.data, m.vocab_size)
     return errors
 
 
@@ -431,8 +460,20 @@ def parse_blend(entries: List[str], field_name: str):
     return list(prefixes), weights
 
 
-def _validate_data(d: DataConfig) -> List[str]:
+def _validate_data(d: DataConfig, model_vocab: Optional[int]) -> List[str]:
+    """The tokenizer is a sentencepiece model; each dataset's index is whole, its .bin as long as
+    the index says, and its token ids inside the model's vocabulary."""
+    from megatron_power.data import TokenizerInfo, indexed_dataset_problem
+
     errors = []
+    vocab = None
+    if not Path(d.tokenizer).is_file():
+        errors.append(f"data.tokenizer: {d.tokenizer} not found (expected a sentencepiece .model file)")
+    else:
+        try:
+            vocab = max(TokenizerInfo.from_sentencepiece(d.tokenizer).vocab_size, model_vocab or 0)
+        except ValueError as e:
+            errors.append(f"data.tokenizer: {e}")
     for name in ("train", "valid"):
         try:
             prefixes, _ = parse_blend(getattr(d, name), f"data.{name}")
@@ -444,8 +485,10 @@ def _validate_data(d: DataConfig) -> List[str]:
             if missing:
                 errors.append(f"data.{name}: {prefix}{'/'.join(missing)} not found (expected an indexed "
                               f"dataset prefix with .bin and .idx; `make data` builds the default one)")
-    if not Path(d.tokenizer).is_file():
-        errors.append(f"data.tokenizer: {d.tokenizer} not found (expected a sentencepiece .model file)")
+            elif vocab is not None:
+                problem = indexed_dataset_problem(prefix, vocab)
+                if problem:
+                    errors.append(f"data.{name}: {problem}")
     return errors
 
 

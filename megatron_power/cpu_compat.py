@@ -35,6 +35,7 @@ def install(hw) -> None:
     if not hw.transformer_engine:
         _moe_router_gemm()
     _distributed_optimizer_state_on_load()
+    _checkpoint_results_queue()
     _installed = True
 
 
@@ -321,3 +322,16 @@ def _uneven_sequence_parallel_collectives() -> None:
 
     mappings._gather_along_first_dim = gather_along_first_dim
     mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
+
+
+def _checkpoint_results_queue() -> None:
+    """dist_checkpointing's writer hands its results through a queue served by a
+    multiprocessing.Manager, a ~275 MB process spawned at the first save
+    (strategies/filesystem_async.py:54) that outlives a run killed with SIGKILL, as does its
+    resource tracker. Saves here are synchronous: the results are put and taken by this process,
+    and a plain queue does."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async._results_queue = queue.Queue()

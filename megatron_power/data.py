@@ -6,17 +6,18 @@ import hashlib
 import json
 import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import sentencepiece as spm
 import torch
 
+from megatron_power.config import DEFAULT_DATA_DIR
 from tokenizer import corpus, preprocess, spm as spm_train
 
-DEFAULT_DATA_DIR = Path("data/stdlib")
 MANIFEST = "manifest.json"
 
 
@@ -78,9 +79,60 @@ class TokenizerInfo:
 
     @classmethod
     def from_sentencepiece(cls, model_file: str) -> "TokenizerInfo":
-        sp = spm.SentencePieceProcessor(model_file=model_file)
+        """Raises ValueError naming the file when it is not a sentencepiece model."""
+        try:
+            sp = spm.SentencePieceProcessor(model_file=model_file)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{model_file} is not a sentencepiece model ({str(e).splitlines()[0][:80]})") from None
         digest = hashlib.sha256(Path(model_file).read_bytes()).hexdigest()
         return cls(vocab_size=sp.vocab_size(), eod=sp.eos_id(), pad=sp.pad_id(), sha256=digest)
+
+
+# Megatron's .idx (indexed_dataset.py): magic, version, dtype code, sequence and document counts,
+# then int32 sequence lengths, int64 byte pointers into .bin and int64 document starts.
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = struct.Struct("<9sQBQQ")
+_IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+               8: np.uint16}
+# Token ids checked against the vocabulary at the start of each .bin: a wrong tokenizer shows in
+# any real text, and reading all of a terabyte corpus is not worth it.
+ID_SAMPLE = 2**24
+
+
+def indexed_dataset_problem(prefix: str, vocab_size: int) -> Optional[str]:
+    """What is wrong with the indexed dataset PREFIX.bin/.idx for a model of `vocab_size`
+    tokens, in one line; None when its index is whole, its .bin as long as the index says, and
+    its first token ids are inside the vocabulary."""
+    idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
+    size = idx.stat().st_size
+    with open(idx, "rb") as f:
+        head = f.read(_IDX_HEADER.size)
+    if len(head) < _IDX_HEADER.size or not head.startswith(_IDX_MAGIC):
+        return f"{idx} is not a Megatron index ({'empty' if size == 0 else 'no MMIDIDX header'}); rebuild it " \
+               f"with `megatron-power preprocess`"
+    _, version, code, sequences, documents = _IDX_HEADER.unpack(head)
+    dtype = _IDX_DTYPES.get(code)
+    expected = _IDX_HEADER.size + 12 * sequences + 8 * documents
+    if version != 1 or dtype is None or size != expected:
+        return f"{idx} is damaged (version {version}, dtype code {code}, {size} bytes where its counts need " \
+               f"{expected}); rebuild it with `megatron-power preprocess`"
+    index = np.memmap(idx, mode="r", offset=_IDX_HEADER.size, dtype=np.uint8, shape=(12 * sequences,))
+    if sequences:
+        last_length = int(index[4 * (sequences - 1):4 * sequences].view(np.int32)[0])
+        last_pointer = int(index[4 * sequences + 8 * (sequences - 1):].view(np.int64)[0])
+        needed = last_pointer + last_length * np.dtype(dtype).itemsize
+    else:
+        needed = 0
+    have = bin_.stat().st_size
+    if have < needed:
+        return f"{bin_} is {have} bytes, shorter than the {needed} its index needs (an incomplete copy?)"
+    if needed:
+        ids = np.memmap(bin_, mode="r", dtype=dtype, shape=(min(needed // np.dtype(dtype).itemsize, ID_SAMPLE),))
+        top = int(ids.max())
+        if top >= vocab_size:
+            return f"{bin_} holds token id {top}, outside the model's vocabulary of {vocab_size} (was it made " \
+                   f"with another tokenizer than data.tokenizer?)"
+    return None
 
 
 def build_datasets(config, tokenizer: TokenizerInfo):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import time
 
 import torch
@@ -32,6 +33,17 @@ def group_names(optimizer) -> list:
     return names
 
 
+def _open_from(path, start_step: int):
+    """metrics.jsonl for appending after `start_step`: rows a resumed run is about to redo (steps
+    after its checkpoint) are dropped first, so that each step has one row."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return open(path, "a")
+
+
 class MetricsLogger:
     """Only the logging rank (last pipeline stage) writes; other ranks keep quiet."""
 
@@ -50,7 +62,7 @@ class MetricsLogger:
             run_dir = config.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            self.jsonl = _open_from(run_dir / "metrics.jsonl", start_step)
 
     def info(self, message: str) -> None:
         if self.active:
@@ -79,7 +91,7 @@ class MetricsLogger:
 
         interval = self.config.train.log_interval
         total = self.final_step
-        if step % interval and step != total:
+        if step % interval and step != total and step != self.start_step + 1:
             return
         now = time.time()
         steps = step - self.window_step

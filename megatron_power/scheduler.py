@@ -72,6 +72,11 @@ def validate(s, budget: int) -> List[str]:
     if s.decay_shape not in DECAY_SHAPES:
         errors.append(f"schedule.decay_shape '{s.decay_shape}' is unknown; expected one of "
                       f"{', '.join(DECAY_SHAPES)}")
+    numbers = {name: getattr(s, name) for name in ("a", "b", "lr_max", "min_lr", "warmup", "decay")}
+    bad = [f"schedule.{name} must be a finite number, got {value}" for name, value in numbers.items()
+           if not math.isfinite(value)]
+    if bad:
+        return errors + bad
     if s.kind == "power":
         if s.a <= 0:
             errors.append(f"schedule.a must be positive, got {s.a}")
@@ -79,7 +84,7 @@ def validate(s, budget: int) -> List[str]:
             errors.append(f"schedule.b must be negative (lr falls with tokens), got {s.b}")
     if s.lr_max <= 0:
         errors.append(f"schedule.lr_max must be positive, got {s.lr_max}")
-    if not 0 <= s.min_lr < s.lr_max:
+    elif not 0 <= s.min_lr < s.lr_max:
         errors.append(f"schedule.min_lr must be in [0, lr_max), got {s.min_lr}")
     if s.warmup < 0 or s.decay < 0:
         errors.append(f"schedule.warmup and schedule.decay must not be negative, got {s.warmup}, {s.decay}")

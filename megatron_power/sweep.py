@@ -28,7 +28,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megatron_power.config import FINISHED, RECIPES_DIR, ConfigError, load_config, to_yaml
+from megatron_power.config import (FINISHED, RECIPES_DIR, ConfigError, load_config, load_yaml, omegaconf_message,
+                                   to_yaml)
 
 SPECS_DIR = RECIPES_DIR / "sweeps"
 DIVERGED = "diverged.json"  # written here when a point stops on non-finite losses (train's exit code 3)
@@ -78,9 +79,9 @@ def spec_path(spec: str) -> Path:
 def load_spec(spec: str) -> SweepSpec:
     path = spec_path(spec)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(SweepSpec), OmegaConf.load(path))
+        merged = OmegaConf.merge(OmegaConf.structured(SweepSpec), load_yaml(path, "sweep spec"))
     except OmegaConfBaseException as e:
-        raise ConfigError(f"sweep spec {path}: {getattr(e, 'full_key', '') or ''}: {e.msg.splitlines()[0]} "
+        raise ConfigError(f"sweep spec {path}: {getattr(e, 'full_key', '') or ''}: {omegaconf_message(e)} "
                           f"(expected keys: name, recipe, overrides, grid, jobs, threads, eval_sequences, out_dir)") from None
     s: SweepSpec = OmegaConf.to_object(merged)
     problems = [f"grid.{k}: expected a non-empty list of values, got {v!r}"

@@ -17,7 +17,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_power import checkpoint, hardware, mup, plan, runtime
+from megatron_power import checkpoint, hardware, mup, plan, run_lock, runtime
 from megatron_power.expert_load import ExpertLoad
 from megatron_power.signals import StopRequest
 from megatron_power.config import (FINISHED, Config, ConfigError, from_yaml, model_differences, model_vocab_size,
@@ -175,22 +175,25 @@ def evaluate(config: Config, model, dataset, rt: runtime.Runtime) -> float:
 
 
 def _restore(config: Config, model, optimizer, vocab_size: int):
-    """Resume this run from its latest checkpoint; else start from checkpoint.init_from (stage 2:
-    a stage-1 run, with its optimizer and tokens seen; stage 1: weights only); else fresh."""
-    own = checkpoint.latest(config.checkpoint_dir)
+    """Resume this run from its newest intact checkpoint; else start from checkpoint.init_from
+    (stage 2: a stage-1 run, with its optimizer and tokens seen; stage 1: weights only); else
+    fresh. Returns the state and the lines to log."""
+    own, notes = checkpoint.newest(config.checkpoint_dir)
     if own is not None:
+        _check_same_model(f"{own} (this run's checkpoint)", from_yaml(checkpoint.saved_state(own)["config"]),
+                          config, vocab_size)
         state = TrainState(**checkpoint.load(own, model, optimizer)["train_state"])
-        return state, f"resumed from {own} at step {state.step} ({state.consumed_tokens:,} tokens)"
+        return state, notes + [f"resumed from {own} at step {state.step} ({state.consumed_tokens:,} tokens)"]
     if config.checkpoint.init_from is None:
         steps = config.train.tokens // config.tokens_per_step
-        return TrainState(), f"starting {config.name}: {steps} steps of {config.tokens_per_step:,} tokens"
+        return TrainState(), [f"starting {config.name}: {steps} steps of {config.tokens_per_step:,} tokens"]
     source = checkpoint.resolve(Path(config.checkpoint.init_from))
     saved = checkpoint.saved_state(source)
-    _check_same_model(source, from_yaml(saved["config"]), config, vocab_size)
+    _check_same_model(f"checkpoint.init_from {source}", from_yaml(saved["config"]), config, vocab_size)
     if config.train.stage == 1:
         checkpoint.load(source, model, None)
         optimizer.reload_model_params()  # the optimizer's main copies of the weights
-        return TrainState(), f"starting {config.name} from the weights of {source}"
+        return TrainState(), [f"starting {config.name} from the weights of {source}"]
     if "train_state" not in saved:
         raise checkpoint.CheckpointError(
             f"{source} holds weights only (no training progress); stage 2 needs a stage-1 training "
@@ -200,18 +203,17 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
     decay_start = config.train.tokens - phase_tokens(config.schedule.decay, config.train.tokens)
     note = ("" if decay_start == state.consumed_tokens else
             f"; note: its decay starts at {decay_start:,} tokens, not where stage 1 ended")
-    return state, (f"stage 2 from {source}: {state.consumed_tokens:,} tokens seen in stage 1, "
-                   f"{config.train.tokens - state.consumed_tokens:,} to go{note}")
+    return state, [f"stage 2 from {source}: {state.consumed_tokens:,} tokens seen in stage 1, "
+                   f"{config.train.tokens - state.consumed_tokens:,} to go{note}"]
 
 
-def _check_same_model(source: Path, saved: Config, config: Config, vocab_size: int) -> None:
+def _check_same_model(source: str, saved: Config, config: Config, vocab_size: int) -> None:
     saved_vocab = saved.model.vocab_size
     problems = model_differences(config, saved)
     if saved_vocab is not None and saved_vocab != vocab_size:
         problems.append(f"vocabulary: expected {vocab_size}, found {saved_vocab}")
     if problems:
-        raise checkpoint.CheckpointError(
-            f"checkpoint.init_from {source} holds a different model than this recipe: " + "; ".join(problems))
+        raise checkpoint.CheckpointError(f"{source} holds a different model than this recipe: " + "; ".join(problems))
 
 
 def train(config: Config, stop: StopRequest = None) -> TrainState:
@@ -222,6 +224,7 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     if refusal:
         raise ConfigError(refusal)
     rt = runtime.initialize(config)
+    run_lock.hold(config.run_dir, rt)
     gpt_model = build_model(config, vocab_size)
     model = wrap_model(config, gpt_model)
     m = config.model
@@ -236,10 +239,11 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     train_data, valid_data = build_datasets(config, tokenizer)
 
     ckpt_dir = config.checkpoint_dir
-    state, message = _restore(config, model, optimizer, vocab_size)
+    state, messages = _restore(config, model, optimizer, vocab_size)
     final_step = state.step + (t.tokens - state.consumed_tokens) // config.tokens_per_step
     log = MetricsLogger(config, rt, optimizer, start_step=state.step, final_step=final_step)
-    log.info(message)
+    for message in messages:
+        log.info(message)
     log.info(f"hardware: {rt.hardware.describe()}")
     if config.precision.fp8 and rt.hardware.cuda and not rt.hardware.transformer_engine:
         log.info(f"precision.fp8={config.precision.fp8} is ignored: Transformer Engine is not usable, so this "
@@ -302,6 +306,9 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
         # Tells a SLURM job that stopped on a signal at the very end not to requeue itself.
         if rt.rank == 0:
             (config.run_dir / FINISHED).write_text(json.dumps({"step": state.step, "tokens": state.consumed_tokens}))
+    saved_at = checkpoint.latest(ckpt_dir) if config.checkpoint.save else None
+    log.info(f"run folder {config.run_dir}; " + (f"last checkpoint {saved_at}" if saved_at else "no checkpoint"))
     log.close()
+    run_lock.release()
     runtime.shutdown()
     return state

@@ -1,5 +1,6 @@
 """Bad recipes and overrides are refused with one clear line each, before any work starts."""
 
+import shutil
 import subprocess
 
 import pytest
@@ -39,6 +40,9 @@ BAD = [
      "train.noise_scale_interval needs at least parallel.pp + 1 = 2 micro-batches per data-parallel rank"),
     (["train.noise_scale_interval=10", "parallel.pp=2", "train.micro_batch_size=8", "train.global_batch_size=16"], 2,
      "train.noise_scale_interval needs at least parallel.pp + 1 = 3 micro-batches per data-parallel rank"),
+    (["model=5"], 1, "override: model: expected a section of model.* settings, got 5"),
+    (["schedule.lr_max=inf"], 1, "schedule.lr_max must be a finite number, got inf"),
+    (["schedule.lr_max=nan"], 1, "schedule.lr_max must be a finite number, got nan"),
 ]
 
 
@@ -84,3 +88,70 @@ def test_counts_accept_suffixes_and_scientific_notation():
     assert parse_count(0.05) == 0.05
     with pytest.raises(ValueError):
         parse_count("1.5")  # neither a whole count nor a fraction below 1
+
+
+@pytest.mark.parametrize("text,message", [
+    ("name: x\nmodel:\n  num_layers: [1\n", "YAML syntax error at line 4, column 1"),
+    ("name: x\nmodel: 5\n", "model: expected a section of model.* settings, got 5"),
+    ("- just\n- a list\n", "expected a mapping of keys to values"),
+], ids=["syntax", "model-not-a-mapping", "a-list"])
+def test_unreadable_recipe_is_refused_in_one_line(tmp_path, text, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(recipe), check_paths=False)
+    assert len(str(err.value).splitlines()) == 1 and message in str(err.value), str(err.value)
+
+
+def test_unreadable_sweep_spec_is_refused_in_one_line(tmp_path):
+    from megatron_power.sweep import load_spec
+
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: x\ngrid: {a: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"sweep spec .*bad.yaml: YAML syntax error at line"):
+        load_spec(str(spec))
+
+
+def _damaged_data(default_data, tmp_path, damage):
+    """A copy of the default corpus with one thing wrong; the overrides that point a run at it."""
+    data = tmp_path / "data"
+    shutil.copytree(default_data, data)
+    damage(data)
+    return [f"data.train=[{data / 'train'}]", f"data.valid=[{data / 'valid'}]", f"data.tokenizer={data / 'tokenizer.model'}"]
+
+
+def _small_tokenizer(data):
+    """Ids of the default corpus (8192 pieces) beside a tokenizer of 1000."""
+    from tokenizer import corpus, spm
+
+    texts = [text for _, text in corpus.read_documents(corpus.stdlib_files()[:40])]
+    small = spm.train(spm.paragraphs(texts), data / "small", 1000)
+    shutil.copy(small, data / "tokenizer.model")
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+DATA_DAMAGE = {
+    "tokenizer-too-small": (_small_tokenizer, "data.train:", "outside the model's vocabulary of 1000"),
+    "tokenizer-not-spm": (lambda d: (d / "tokenizer.model").write_bytes(b"not a model"), "data.tokenizer:",
+                          "is not a sentencepiece model"),
+    "idx-empty": (lambda d: (d / "train.idx").write_bytes(b""), "data.train:", "is not a Megatron index (empty)"),
+    "idx-garbage": (lambda d: (d / "train.idx").write_bytes(b"\x00" * 4096), "data.train:", "no MMIDIDX header"),
+    "idx-truncated": (lambda d: _truncate(d / "valid.idx"), "data.valid:", "is damaged"),
+    "bin-truncated": (lambda d: _truncate(d / "train.bin"), "data.train:", "shorter than the"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DATA_DAMAGE))
+def test_bad_data_is_refused_before_a_run_folder_exists(default_data, tmp_path, damage):
+    make, field, message = DATA_DAMAGE[damage]
+    overrides = _damaged_data(default_data, tmp_path, make)
+    result = subprocess.run([str(BIN / "megatron-power"), "train", "proxy", f"out_dir={tmp_path / 'runs'}", *overrides],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    errors = result.stderr.strip().splitlines()
+    # One line per damaged file (a wrong tokenizer shows in both splits).
+    assert errors and errors[0].startswith(f"error: {field}") and all(message in e for e in errors), result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,162 @@
+"""Never lose a run: whatever happened to its checkpoints folder (a missing or garbled `latest`,
+a damaged newest checkpoint, a full disk, a second job on the same run), a run either resumes
+from its newest intact checkpoint or stops with one line, and deletes nothing it should keep."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import BIN, ROOT, SMALL, TOKENS_PER_STEP, metrics, run_train
+
+from megatron_power import checkpoint
+
+STEPS = 6
+OVERRIDES = SMALL + [f"train.tokens={STEPS * TOKENS_PER_STEP}", "checkpoint.interval=2", "checkpoint.keep=3"]
+
+
+@pytest.fixture(scope="module")
+def finished(default_data, tmp_path_factory):
+    """A 6-step run with checkpoints at steps 2, 4 and 6."""
+    out = tmp_path_factory.mktemp("finished")
+    run_train(out, "run", OVERRIDES)
+    ckpts = out / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["iter_0000002", "iter_0000004", "iter_0000006", "latest"]
+    return out / "run"
+
+
+def copy_run(finished, tmp_path, name="copy"):
+    run = tmp_path / name
+    shutil.copytree(finished, run)
+    (run / ".lock").unlink(missing_ok=True)
+    return run
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+DAMAGE = {
+    "truncated .distcp": lambda c: truncate(sorted(c.glob("*.distcp"))[0]),
+    "truncated common.pt": lambda c: truncate(c / "common.pt"),
+    "truncated .metadata": lambda c: truncate(c / ".metadata"),
+    "empty metadata.json": lambda c: (c / "metadata.json").write_text(""),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_newest_checkpoint_is_named_and_passed_over(finished, tmp_path, damage):
+    ckpts = copy_run(finished, tmp_path) / "checkpoints"
+    DAMAGE[damage](ckpts / "iter_0000006")
+    found, notes = checkpoint.newest(ckpts)
+    assert found == ckpts / "iter_0000004"
+    assert any("iter_0000006 is damaged" in n for n in notes), notes
+
+
+def test_unfinished_save_is_never_read(finished, tmp_path):
+    ckpts = copy_run(finished, tmp_path) / "checkpoints"
+    shutil.copytree(ckpts / "iter_0000006", ckpts / "iter_0000008.tmp")  # a save cut short: never renamed
+    assert checkpoint.newest(ckpts) == (ckpts / "iter_0000006", [])
+
+
+def test_garbled_or_missing_marker_falls_back_to_the_newest_checkpoint(finished, tmp_path):
+    ckpts = copy_run(finished, tmp_path) / "checkpoints"
+    (ckpts / "latest").write_bytes(b"\xff\xfe\x00garbage")
+    found, notes = checkpoint.newest(ckpts)
+    assert found == ckpts / "iter_0000006" and "not a complete checkpoint" in notes[0]
+    (ckpts / "latest").unlink()
+    found, notes = checkpoint.newest(ckpts)
+    assert found == ckpts / "iter_0000006" and "is missing" in notes[0]
+
+
+def test_no_intact_checkpoint_stops_rather_than_starting_over(finished, tmp_path):
+    ckpts = copy_run(finished, tmp_path) / "checkpoints"
+    for step in (2, 4, 6):
+        truncate(ckpts / f"iter_{step:07d}" / "common.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .* is intact"):
+        checkpoint.newest(ckpts)
+
+
+@pytest.mark.slow
+def test_run_resumes_past_a_damaged_checkpoint_to_the_same_losses(finished, tmp_path):
+    run = copy_run(finished, tmp_path)
+    truncate(sorted((run / "checkpoints" / "iter_0000006").glob("*.distcp"))[0])
+    result = run_train(tmp_path, "copy", OVERRIDES)
+    lines = result.stdout.splitlines()
+    assert any("iter_0000006 is damaged" in line for line in lines), result.stdout
+    assert any(line.startswith(f"resumed from {run / 'checkpoints' / 'iter_0000004'}") for line in lines)
+    # Steps 5 and 6 again, from step 4's checkpoint: the same losses, one line each in metrics.jsonl.
+    assert metrics(run)[0] == metrics(finished)[0]
+    steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == STEPS
+    assert checkpoint.intact(run / "checkpoints" / "iter_0000006") is None  # saved again, whole
+
+
+@pytest.mark.slow
+def test_checkpoints_without_a_marker_resume_and_are_kept(finished, tmp_path):
+    # The repro: a run's iter_* folders copied, without `latest`, into a new run's folder.
+    run = tmp_path / "new"
+    shutil.copytree(finished / "checkpoints", run / "checkpoints", ignore=shutil.ignore_patterns("latest"))
+    result = run_train(tmp_path, "new", SMALL + [f"train.tokens={(STEPS + 2) * TOKENS_PER_STEP}",
+                                                 "checkpoint.interval=2", "checkpoint.keep=3"])
+    assert "latest is missing" in result.stdout and "resumed from" in result.stdout
+    assert sorted(metrics(run)[0]) == [7, 8]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "iter_0000004", "iter_0000006", "iter_0000008", "latest"]
+
+
+def test_resume_with_another_model_is_refused_in_one_line(finished, tmp_path):
+    copy_run(finished, tmp_path)
+    result = run_train(tmp_path, "copy", OVERRIDES + ["model.num_layers=2"], check=False)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "holds a different model than this recipe: model.num_layers: expected 2, found 4" \
+        in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_second_job_is_refused_and_ctrl_c_saves_and_exits(default_data, tmp_path):
+    first = subprocess.Popen([str(BIN / "megatron-power"), "train", "proxy", f"out_dir={tmp_path}", "name=busy",
+                              *SMALL, f"train.tokens={200 * TOKENS_PER_STEP}"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "busy" / "metrics.jsonl").is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        second = run_train(tmp_path, "busy", SMALL + [f"train.tokens={200 * TOKENS_PER_STEP}"], check=False)
+        assert second.returncode == 2
+        assert f"{tmp_path / 'busy'} is in use by another run (pid {first.pid} on " in second.stderr, second.stderr
+        # Ctrl-C (SIGINT) stops the first as SIGTERM would: a checkpoint of the step it was on, exit 0.
+        first.send_signal(signal.SIGINT)
+        stdout, stderr = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0, stderr[-2000:]
+    assert "Ctrl-C: saving a checkpoint" in stderr and "stop requested: checkpoint saved at step" in stdout
+    stopped_at = max(metrics(tmp_path / "busy")[0])
+    assert checkpoint.latest(tmp_path / "busy" / "checkpoints").name == f"iter_{stopped_at:07d}"
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(default_data, tmp_path):
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    # Room for one checkpoint of this model (about 17 MB), not two.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)], check=True)
+    try:
+        result = run_train(tmp_path, "full", SMALL + [f"train.tokens={4 * TOKENS_PER_STEP}", "checkpoint.interval=2",
+                                                      f"checkpoint.dir={disk}"], check=False)
+        assert result.returncode == 2, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"no space left on device while saving {disk / 'iter_0000004'}" in errors[0], \
+            result.stderr[-3000:]
+        assert sorted(p.name for p in disk.iterdir()) == ["iter_0000002", "latest"]
+        assert checkpoint.latest(disk) == disk / "iter_0000002"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
