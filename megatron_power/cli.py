@@ -155,17 +155,18 @@ def _params(args) -> int:
     config = load_config(args.recipe, args.overrides)
     # Groups are the same with the distributed optimizer, whose groups hold shards, not parameters.
     config = replace(config, parallel=replace(config.parallel, distributed_optimizer=False))
-    runtime.initialize(config)
+    rt = runtime.initialize(config)
     vocab = model_vocab_size(config, TokenizerInfo.from_sentencepiece(config.data.tokenizer).vocab_size)
     model = wrap_model(config, build_model(config, vocab))
     optimizer = build_optimizer(config, model)
     group_of = {id(p): g for chained in optimizer.chained_optimizers
                 for g in chained.optimizer.param_groups for p in g["params"]}
-    print(f"{'parameter':<58} {'shape':<14} {'max_lr':>10} {'weight_decay':>12}")
-    for name, param in model.module.named_parameters():
-        group = group_of[id(param)]
-        print(f"{name:<58} {'x'.join(map(str, param.shape)):<14} {group['max_lr'] * group['lr_mult']:>10.4g} "
-              f"{config.optim.weight_decay * group['wd_mult']:>12.4g}")
+    if rt.rank == 0:  # under torchrun: the first rank's parameters (its shards, its local experts)
+        print(f"{'parameter':<58} {'shape':<14} {'max_lr':>10} {'weight_decay':>12} {'init_std':>9}")
+        for name, param in model.module.named_parameters():
+            group = group_of[id(param)]
+            print(f"{name:<58} {'x'.join(map(str, param.shape)):<14} {group['max_lr'] * group['lr_mult']:>10.4g} "
+                  f"{config.optim.weight_decay * group['wd_mult']:>12.4g} {param.detach().float().std():>9.4g}")
     runtime.shutdown()
     return 0
 
@@ -388,7 +389,7 @@ def parser() -> argparse.ArgumentParser:
     coord.add_argument("--steps", type=int, default=5)
     coord.add_argument("--out", help="output directory (default: runs/<name>/coordcheck)")
 
-    _recipe_verb(verbs, "params", _params, "list every parameter with its lr and weight decay")
+    _recipe_verb(verbs, "params", _params, "list every parameter with its lr, weight decay and initial std")
 
     plan = _recipe_verb(verbs, "plan", _plan, "parameters, FLOPs per token and memory per GPU of a recipe's layout")
     plan.add_argument("--gpus", type=int, default=8)

@@ -47,7 +47,7 @@ class ModelConfig:
     num_experts: Optional[int] = None
     moe_topk: int = 2
     moe_ffn_hidden_size: Optional[int] = None  # per expert
-    moe_aux_loss_coeff: float = 0.01
+    moe_aux_loss_coeff: float = 0.001  # GraniteMoe's router_aux_loss_coef (Hugging Face's default)
 
 
 @dataclass
@@ -98,7 +98,7 @@ class TrainConfig:
     global_batch_size: int = 32  # sequences
     micro_batch_size: int = 8
     seed: int = 1234
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0  # Megatron-LM's default; the paper gives none
     log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int = 4
@@ -111,6 +111,8 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
+    """AdamW as IBM's training configs set it (the paper gives none of these)."""
+
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

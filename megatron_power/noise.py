@@ -66,6 +66,10 @@ class FirstMicrobatchProbe:
         self.num_microbatches = num_microbatches
         self.b_small = {"dense": micro_batch_size, "expert": micro_batch_size * ep}
         self.b_big = global_batch_size
+        # An expert's gradient buffer sums the mean-loss gradients of the EP ranks whose tokens it
+        # took; Megatron divides by them only at the gradient sync. Before it the gradient of the
+        # mean over those EP micro-batches is 1/EP of the buffer: its square, 1/EP^2.
+        self.expert_scale = 1.0 / ep**2
         warmup = ps.get_pipeline_model_parallel_world_size() - ps.get_pipeline_model_parallel_rank() - 1
         self.read_before_forward = min(warmup, num_microbatches) + 2
         # Replicas of the whole dense and the whole expert gradient; each saw its own micro-batch 1.
@@ -112,7 +116,8 @@ class FirstMicrobatchProbe:
         dist.all_reduce(sums)
         # The schedule scales each micro-batch's loss by 1/num_microbatches before backward.
         scale = float(self.num_microbatches) ** 2
-        return {kind: float(sums[i]) * scale / self.replicas[i] for i, kind in enumerate(("dense", "expert"))}
+        return {"dense": float(sums[0]) * scale / self.replicas[0],
+                "expert": float(sums[1]) * scale * self.expert_scale / self.replicas[1]}
 
     def read_global_batch(self, optimizer) -> None:
         """After optimizer.prepare_grads(): the global batch's squared norms, from the gradients and

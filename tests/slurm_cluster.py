@@ -1,5 +1,5 @@
 """A real single-node SLURM for the tests: Debian's slurmctld, slurmd and munge, installed when
-missing, configured under a temporary directory and started as root (DESIGN.md, section 2)."""
+missing, configured under a temporary directory and started as root."""
 
 from __future__ import annotations
 

@@ -37,10 +37,13 @@ def test_coordinate_check_is_flat_under_mup_and_not_under_sp(default_data, tmp_p
     assert slopes(rows, 1)["SP", "logits"] > 0.3
 
 
-def _params(*overrides):
-    out = subprocess.run([str(BIN / "megatron-power"), "params", "proxy", *overrides], cwd=ROOT,
-                         check=True, capture_output=True, text=True).stdout.splitlines()[1:]
-    return {cols[0]: (float(cols[2]), float(cols[3])) for cols in (line.split() for line in out)}
+def _params(*overrides, nproc=1, with_std=False):
+    cmd = [str(BIN / "megatron-power")] if nproc == 1 else \
+        [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "megatron_power.cli"]
+    out = subprocess.run(cmd + ["params", "proxy", *overrides], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.splitlines()[1:]
+    rows = [line.split() for line in out]
+    return {cols[0]: (float(cols[2]), float(cols[3])) + ((float(cols[4]),) if with_std else ()) for cols in rows}
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -69,3 +72,34 @@ def test_parameter_groups_follow_the_mup_rules(default_data, tied):
 def test_standard_parametrization_has_one_learning_rate(default_data):
     groups = _params("model.num_layers=1", "mup.enabled=false")
     assert {lr for lr, _ in groups.values()} == {load_config("proxy").schedule.lr_max}
+
+
+MOE = ["model.num_layers=2", "mup.base_width=64", "model.num_experts=4", "model.moe_topk=2",
+       "model.moe_ffn_hidden_size=128", "schedule.lr_max=0.02", "optim.weight_decay=0.1", "model.init_std=0.1"]
+
+
+@pytest.mark.slow
+def test_moe_router_and_experts_follow_the_mup_rules_under_expert_parallelism(default_data):
+    """Router and experts are hidden matrices: lr / m_width, init std 0.1 / sqrt(m_width) (and the
+    experts' output projections / sqrt(2 x layers)); the same under EP = 2 (on its first rank,
+    which holds experts 0 and 1 as its local 0 and 1) as under EP = 1."""
+    lr, wd, m_width, layers = 0.02, 0.1, 4.0, 2
+    single = _params(*MOE, with_std=True)
+    parallel = _params(*MOE, "parallel.ep=2", nproc=2, with_std=True)
+    hidden_std = 0.1 / m_width ** 0.5
+    for i in range(layers):
+        layer = f"decoder.layers.{i}.mlp."
+        expected = {layer + "router.weight": hidden_std}
+        for e in range(4):
+            expected[layer + f"experts.local_experts.{e}.linear_fc1.weight"] = hidden_std
+            expected[layer + f"experts.local_experts.{e}.linear_fc2.weight"] = hidden_std / (2 * layers) ** 0.5
+        for name, std in expected.items():
+            assert single[name][:2] == pytest.approx((lr / m_width, wd)), name
+            # Sample std of at least 128 x 128 draws: within 5%.
+            assert single[name][2] == pytest.approx(std, rel=0.05), name
+            if ".local_experts.2." in name or ".local_experts.3." in name:
+                assert name not in parallel, name  # on the second rank
+            else:
+                assert parallel[name][:2] == single[name][:2], name
+                assert parallel[name][2] == pytest.approx(std, rel=0.05), name
+    assert set(parallel) < set(single)

@@ -83,3 +83,28 @@ def test_flops_per_token_count_causal_attention():
     attention = 12 * 40 * 2304 * 4096 / 2
     assert plan.flops_per_token(config, counts) == weights + attention
     assert plan.flops_per_token(config, counts) == pytest.approx(23.33e9, rel=1e-3)
+
+
+def test_moe_values_follow_their_sources():
+    from transformers import GraniteMoeConfig
+
+    from megatron_power.config import load_config
+    from megatron_power.convert import granite
+    from megatron_power.scheduler import phase_tokens
+
+    reference = GraniteMoeConfig().router_aux_loss_coef  # what IBM's GraniteMoe models assume
+    for recipe in ("moe1b", "moe3b", "moe3b_stage2"):
+        assert load_config(recipe, world_size=8, check_paths=False).model.moe_aux_loss_coeff == reference, recipe
+    # Imported models: the value in config.json, else GraniteMoe's default.
+    hf = GraniteMoeConfig(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64,
+                          num_local_experts=4, num_experts_per_tok=2, vocab_size=256,
+                          architectures=["GraniteMoeForCausalLM"], attention_multiplier=1 / 64, embedding_multiplier=12.0,
+                          residual_multiplier=0.22, logits_scaling=2.0).to_dict()
+    assert granite.model_settings(hf)["model"]["moe_aux_loss_coeff"] == reference
+    assert granite.model_settings({**hf, "router_aux_loss_coef": 0.02})["model"]["moe_aux_loss_coeff"] == 0.02
+    del hf["router_aux_loss_coef"]
+    assert granite.model_settings(hf)["model"]["moe_aux_loss_coeff"] == reference
+    # Paper, section 5.1: the 1B runs decay over their last 100B tokens.
+    for recipe in ("dense1b", "moe1b"):
+        config = load_config(recipe, world_size=8, check_paths=False)
+        assert phase_tokens(config.schedule.decay, config.train.tokens) == 100 * 10**9, recipe

@@ -1,4 +1,4 @@
-"""The Power scheduler against the paper's check values (DESIGN.md), and its phase boundaries."""
+"""The Power scheduler against the paper's check values (arXiv 2408.13359), and its phase boundaries."""
 
 import pytest
 

@@ -62,6 +62,8 @@ FINAL_NORM = Entry("decoder.final_layernorm.weight", ("model.norm.weight",))
 OUTPUT = Entry("output_layer.weight", ("lm_head.weight",), "vocab")
 
 ARCHITECTURES = {"GraniteForCausalLM": "granite", "GraniteMoeForCausalLM": "granitemoe"}
+# What GraniteMoeConfig assumes when config.json leaves router_aux_loss_coef out.
+GRANITE_MOE_AUX_LOSS_COEF = 0.001
 # transformers 5 names GraniteMoe's tensors differently in memory and may save them so; the
 # published checkpoints (and this writer) use the names above.
 HF_ALIASES = {
@@ -190,7 +192,7 @@ def model_settings(hf: dict) -> Dict[str, Dict]:
     if arch == "GraniteMoeForCausalLM":
         model.update(num_experts=hf["num_local_experts"], moe_topk=hf["num_experts_per_tok"],
                      moe_ffn_hidden_size=hf["intermediate_size"],
-                     moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.01)))
+                     moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", GRANITE_MOE_AUX_LOSS_COEF)))
     else:
         model.update(ffn_hidden_size=hf["intermediate_size"])
     attention = float(hf.get("attention_multiplier", head_dim ** -0.5))
