@@ -42,7 +42,7 @@ def _train(args) -> int:
 
 def _schedule(args) -> int:
     from megatron_power.config import load_config, parse_count
-    from megatron_power.scheduler import schedule_table
+    from megatron_power.scheduler import power_law_note, schedule_table
 
     config = load_config(args.recipe, args.overrides, args.world_size, check_paths=False)
     try:
@@ -50,6 +50,9 @@ def _schedule(args) -> int:
     except ValueError as e:
         print(f"error: --at: {e}", file=sys.stderr)
         return 2
+    note = power_law_note(config.schedule, config.train.tokens, config.train.global_batch_size)
+    if note:
+        print(note)
     for line in schedule_table(config, points):
         print(line)
     if args.plot:

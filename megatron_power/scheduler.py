@@ -59,6 +59,25 @@ def learning_rate(tokens: float, schedule, budget: int, batch_size: int) -> floa
     return plateau(tokens)
 
 
+def power_law_note(schedule, budget: int, batch_size: int):
+    """One line when a Power schedule's cap hides its power law, else None: the cap lasting until
+    the decay (the run is a constant-lr run with a decay), or outlasting the warmup."""
+    s = schedule
+    if s.kind != "power":
+        return None
+    cap_end = (s.lr_max / (batch_size * s.a)) ** (1.0 / s.b)  # where batch * a * n**b falls to lr_max
+    warmup, decay = phase_tokens(s.warmup, budget), phase_tokens(s.decay, budget)
+    decay_start = budget - decay
+    if cap_end >= decay_start:
+        return (f"warning: the power law never acts in this run: batch {batch_size} x a {s.a:g} x n^{s.b:g} stays "
+                f"above lr_max {s.lr_max:g} until {cap_end:,.0f} tokens, past the {decay_start:,} where "
+                f"{'the decay starts' if decay else 'the run ends'} (lower schedule.a or schedule.lr_max, or train longer)")
+    if cap_end > warmup:
+        return (f"note: the lr holds at lr_max {s.lr_max:g} from the end of the warmup ({warmup:,} tokens) to "
+                f"{cap_end:,.0f} tokens, where the power law takes over")
+    return None
+
+
 def phase_tokens(length: float, budget: int) -> int:
     """A warmup or decay length: tokens, or a fraction of the budget when below 1."""
     return int(round(length * budget)) if length < 1 else int(length)

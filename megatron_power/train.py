@@ -26,7 +26,7 @@ from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
 from megatron_power.metrics import MetricsLogger
 from megatron_power.model import build_model
 from megatron_power.noise import FirstMicrobatchProbe, NoiseScaleAverage
-from megatron_power.scheduler import TokenScheduler, phase_tokens
+from megatron_power.scheduler import TokenScheduler, phase_tokens, power_law_note
 
 
 class NonFiniteError(RuntimeError):
@@ -245,6 +245,9 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     for message in messages:
         log.info(message)
     log.info(f"hardware: {rt.hardware.describe()}")
+    note = power_law_note(config.schedule, t.tokens, t.global_batch_size)
+    if note:
+        log.info(note)
     if config.precision.fp8 and rt.hardware.cuda and not rt.hardware.transformer_engine:
         log.info(f"precision.fp8={config.precision.fp8} is ignored: Transformer Engine is not usable, so this "
                  f"run uses Megatron's local layer spec in bf16")

@@ -58,9 +58,9 @@ def default_data():
 
 
 def run_train(out_dir: Path, name: str, overrides, nproc: int = 1, check: bool = True,
-              recipe: str = "proxy", flags=(), env_vars=None, **popen) -> subprocess.CompletedProcess:
-    """`megatron-power train RECIPE ...` (under torchrun when nproc > 1), run from the repo root,
-    with `env_vars` added to the environment (None removes one)."""
+              recipe: str = "proxy", flags=(), env_vars=None, cwd: Path = ROOT, **popen) -> subprocess.CompletedProcess:
+    """`megatron-power train RECIPE ...` (under torchrun when nproc > 1), run from `cwd` (the
+    repository by default), with `env_vars` added to the environment (None removes one)."""
     if nproc == 1:
         cmd = [str(BIN / "megatron-power")]
     else:
@@ -68,7 +68,7 @@ def run_train(out_dir: Path, name: str, overrides, nproc: int = 1, check: bool =
     cmd += ["train", recipe, *flags, f"out_dir={out_dir}", f"name={name}", *overrides]
     env = environment({"OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
                         **(env_vars or {})})
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, **popen)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **popen)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result

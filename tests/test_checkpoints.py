@@ -20,9 +20,10 @@ OVERRIDES = SMALL + [f"train.tokens={STEPS * TOKENS_PER_STEP}", "checkpoint.inte
 
 @pytest.fixture(scope="module")
 def finished(default_data, tmp_path_factory):
-    """A 6-step run with checkpoints at steps 2, 4 and 6."""
+    """A 6-step run with checkpoints at steps 2, 4 and 6, started outside the repository (the
+    default data is found wherever a run starts)."""
     out = tmp_path_factory.mktemp("finished")
-    run_train(out, "run", OVERRIDES)
+    run_train(out, "run", OVERRIDES, cwd=out)
     ckpts = out / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["iter_0000002", "iter_0000004", "iter_0000006", "latest"]
     return out / "run"

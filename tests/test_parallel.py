@@ -3,8 +3,9 @@ proxy recipe's default), and, where each rank sees the whole global batch (TP, P
 noise scale's per-step estimates too: the first micro-batch's gradient is then the same one,
 assembled from TP shards, sequence-parallel parts and the tied embedding's two pipeline copies.
 
-The distributed optimizer's run also stops half-way and resumes from its checkpoint: its sharded
-Adam state must come back exactly for the losses to match.
+The distributed optimizer's run is also interrupted: its torchrun launcher is SIGKILLed after a
+few steps, the workers it leaves save a checkpoint and exit, and the run resumes from it; its
+sharded Adam state must come back exactly for the losses to match.
 
 Weights are drawn per global parameter key (model.initialize_weights) and every layout sees the
 same global batches, so the only differences are floating-point reduction orders. Tolerance:
@@ -12,10 +13,17 @@ same global batches, so the only differences are floating-point reduction orders
 """
 
 import json
+import os
+import signal
+import subprocess
+import time
 
+import psutil
 import pytest
 
-from conftest import SMALL, metrics, run_train
+from conftest import BIN, ROOT, SMALL, metrics, run_train
+
+from megatron_power import checkpoint
 
 from megatron_power.config import load_config
 
@@ -38,22 +46,40 @@ def reference(default_data, tmp_path_factory):
     return metrics(out / "single")[0], noise_estimates(out / "single")
 
 
+def kill_launcher_mid_run(out_dir, overrides, nproc):
+    """Start torchrun, SIGKILL the launcher alone after a few steps; its workers, told by the kernel
+    (signals.py), save a checkpoint and exit. Returns the step they stopped at."""
+    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "megatron_power.cli", "train",
+           "proxy", f"out_dir={out_dir}", "name=layout", *overrides]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+            (out_dir / "layout" / "metrics.jsonl").is_file() and len(metrics(out_dir / "layout")[0]) >= 3):
+        time.sleep(0.1)
+    workers = psutil.Process(launcher.pid).children(recursive=True)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    _, alive = psutil.wait_procs(workers, timeout=120)
+    assert not alive, "workers outlived their launcher"
+    return int(checkpoint.latest(out_dir / "layout" / "checkpoints").name.split("_")[1])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,layout,data_parallel,resume_at", [
-    (2, ["parallel.tp=2"], False, None),
-    (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], False, None),
-    (2, ["parallel.pp=2"], False, None),
-    (2, [], True, None),
-    (2, ["parallel.distributed_optimizer=true"], True, STEPS // 2),
-    (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], False, None),
-], ids=["tp2", "tp2-sp", "pp2", "dp2", "dp2-distopt-resumed", "tp2xpp2-sp"])
-def test_layout_matches_single_process(reference, tmp_path, nproc, layout, data_parallel, resume_at):
+@pytest.mark.parametrize("nproc,layout,data_parallel,interrupted", [
+    (2, ["parallel.tp=2"], False, False),
+    (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], False, False),
+    (2, ["parallel.pp=2"], False, False),
+    (2, [], True, False),
+    (2, ["parallel.distributed_optimizer=true"], True, True),
+    (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], False, False),
+], ids=["tp2", "tp2-sp", "pp2", "dp2", "dp2-distopt-launcher-killed", "tp2xpp2-sp"])
+def test_layout_matches_single_process(reference, tmp_path, nproc, layout, data_parallel, interrupted):
     reference_losses, reference_noise = reference
-    if resume_at:
-        run_train(tmp_path, "layout", OVERRIDES + layout + [f"train.tokens={resume_at * 16 * 128}"], nproc=nproc)
-        assert max(metrics(tmp_path / "layout")[0]) == resume_at
+    if interrupted:
+        assert 3 <= kill_launcher_mid_run(tmp_path, OVERRIDES + layout, nproc) < STEPS
     result = run_train(tmp_path, "layout", OVERRIDES + layout, nproc=nproc)
-    assert ("resumed from" in result.stdout) == bool(resume_at)
+    assert ("resumed from" in result.stdout) == interrupted
     losses = metrics(tmp_path / "layout")[0]
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):

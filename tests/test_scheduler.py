@@ -1,5 +1,7 @@
 """The Power scheduler against the paper's check values (arXiv 2408.13359), and its phase boundaries."""
 
+import re
+
 import pytest
 
 from megatron_power.config import ScheduleConfig
@@ -92,9 +94,30 @@ def test_schedule_command_prints_each_requested_point(tmp_path):
          "schedule.warmup=0", "schedule.decay=250B", "--world-size", "1024",
          "--at", "1e11", "1T", "1.25T", "--plot", str(png)],
         cwd=ROOT, capture_output=True, text=True, check=True)
-    rows = [line.split() for line in result.stdout.splitlines()[1:4]]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("note: the lr holds at lr_max 0.02 from the end of the warmup (0 tokens)")
+    rows = [line.split() for line in lines[2:5]]
     assert [r[0] for r in rows] == ["100,000,000,000", "1,000,000,000,000", "1,250,000,000,000"]
     assert float(rows[0][1]) == pytest.approx(1.0e-2, rel=0.01)
     assert float(rows[1][1]) == pytest.approx(3.1e-3, rel=0.01)
     assert float(rows[2][1]) == 0.0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_cap_that_hides_the_power_law_is_reported():
+    from megatron_power.config import load_config
+    from megatron_power.scheduler import power_law_note
+
+    def note(recipe, *overrides, world_size=1):
+        c = load_config(recipe, list(overrides), world_size, check_paths=False)
+        return power_law_note(c.schedule, c.train.tokens, c.train.global_batch_size)
+
+    # The proxy's default run: 32 x 4 x n^-0.51 is 0.055 at its last token, over lr_max 0.02.
+    assert note("proxy").startswith("warning: the power law never acts in this run")
+    # The paper's 3B run: capped until about 2.6e10 tokens (its check value), well past the warmup.
+    dense3b = note("dense3b", world_size=8)
+    assert dense3b.startswith("note: the lr holds at lr_max 0.02")
+    cap_end = int(re.search(r"to ([\d,]+) tokens", dense3b).group(1).replace(",", ""))
+    assert cap_end == pytest.approx(2.6e10, rel=0.01)
+    assert note("proxy", "schedule.a=0.05") is None  # below the cap from the first token
+    assert note("proxy", "schedule.kind=wsd") is None
