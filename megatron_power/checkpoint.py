@@ -139,17 +139,27 @@ def intact(path: Path) -> Optional[str]:
     except Exception as e:  # a truncated pickle raises anything from EOFError to RuntimeError
         return f"common.pt is unreadable ({e.__class__.__name__})"
     try:
-        storage = FileSystemReader(str(path)).read_metadata().storage_data
+        metadata = FileSystemReader(str(path)).read_metadata()
     except Exception as e:
         return f"its tensor index .metadata is unreadable ({e.__class__.__name__})"
+    short = short_file(path, metadata)
+    if short:
+        name, size, end = short
+        return f"{name} is {'missing' if size is None else f'{size} bytes'}, its index needs {end}"
+    return None
+
+
+def short_file(path: Path, metadata) -> Optional[Tuple[str, Optional[int], int]]:
+    """The first of a checkpoint's tensor files that is missing or shorter than its index
+    (`metadata`, torch DCP's) says, as (name, size or None, bytes needed); None when all are whole."""
     ends: dict = {}
-    for info in storage.values():
+    for info in metadata.storage_data.values():
         ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
     for name, end in sorted(ends.items()):
         file = path / name
         size = file.stat().st_size if file.is_file() else None
         if size is None or size < end:
-            return f"{name} is {'missing' if size is None else f'{size} bytes'}, its index needs {end}"
+            return name, size, end
     return None
 
 

@@ -27,6 +27,7 @@ def _train(args) -> int:
 
     config = load_config(args.recipe, args.overrides, world_size_from_env(), smoke=args.smoke)
     from megatron_power.checkpoint import CheckpointError
+    from megatron_power.runtime import DeviceError
     from megatron_power.train import NonFiniteError, train
 
     try:
@@ -34,7 +35,7 @@ def _train(args) -> int:
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except CheckpointError as e:
+    except (CheckpointError, DeviceError) as e:  # DeviceError: only the process without a GPU knows
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -88,12 +88,9 @@ class TokenizerInfo:
         return cls(vocab_size=sp.vocab_size(), eod=sp.eos_id(), pad=sp.pad_id(), sha256=digest)
 
 
-# Megatron's .idx (indexed_dataset.py): magic, version, dtype code, sequence and document counts,
-# then int32 sequence lengths, int64 byte pointers into .bin and int64 document starts.
-_IDX_MAGIC = b"MMIDIDX\x00\x00"
-_IDX_HEADER = struct.Struct("<9sQBQQ")
-_IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-               8: np.uint16}
+# Megatron's .idx (indexed_dataset.py): its header, version, dtype code, sequence and document
+# counts, then int32 sequence lengths, int64 byte pointers into .bin and int64 document starts.
+_IDX_FIELDS = struct.Struct("<QBQQ")
 # Token ids checked against the vocabulary at the start of each .bin: a wrong tokenizer shows in
 # any real text, and reading all of a terabyte corpus is not worth it.
 ID_SAMPLE = 2**24
@@ -103,20 +100,26 @@ def indexed_dataset_problem(prefix: str, vocab_size: int) -> Optional[str]:
     """What is wrong with the indexed dataset PREFIX.bin/.idx for a model of `vocab_size`
     tokens, in one line; None when its index is whole, its .bin as long as the index says, and
     its first token ids are inside the vocabulary."""
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+
     idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
     size = idx.stat().st_size
+    header = len(_INDEX_HEADER) + _IDX_FIELDS.size
     with open(idx, "rb") as f:
-        head = f.read(_IDX_HEADER.size)
-    if len(head) < _IDX_HEADER.size or not head.startswith(_IDX_MAGIC):
+        head = f.read(header)
+    if len(head) < header or not head.startswith(_INDEX_HEADER):
         return f"{idx} is not a Megatron index ({'empty' if size == 0 else 'no MMIDIDX header'}); rebuild it " \
                f"with `megatron-power preprocess`"
-    _, version, code, sequences, documents = _IDX_HEADER.unpack(head)
-    dtype = _IDX_DTYPES.get(code)
-    expected = _IDX_HEADER.size + 12 * sequences + 8 * documents
+    version, code, sequences, documents = _IDX_FIELDS.unpack(head[len(_INDEX_HEADER):])
+    try:
+        dtype = DType.dtype_from_code(code)
+    except ValueError:  # not a code Megatron writes
+        dtype = None
+    expected = header + 12 * sequences + 8 * documents
     if version != 1 or dtype is None or size != expected:
         return f"{idx} is damaged (version {version}, dtype code {code}, {size} bytes where its counts need " \
                f"{expected}); rebuild it with `megatron-power preprocess`"
-    index = np.memmap(idx, mode="r", offset=_IDX_HEADER.size, dtype=np.uint8, shape=(12 * sequences,))
+    index = np.memmap(idx, mode="r", offset=header, dtype=np.uint8, shape=(12 * sequences,))
     if sequences:
         last_length = int(index[4 * (sequences - 1):4 * sequences].view(np.int32)[0])
         last_pointer = int(index[4 * sequences + 8 * (sequences - 1):].view(np.int64)[0])

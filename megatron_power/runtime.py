@@ -9,13 +9,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-
 from megatron_power import hardware
 from megatron_power.hardware import Hardware
 
 
 class DeviceError(RuntimeError):
-    """This process has no device of its own to run on."""
+    """This process has no device of its own to run on (a launch with more processes than GPUs)."""
 
 
 @dataclass

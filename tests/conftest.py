@@ -74,6 +74,11 @@ def run_train(out_dir: Path, name: str, overrides, nproc: int = 1, check: bool =
     return result
 
 
+def truncate(path: Path) -> None:
+    """Cut a file to half its length, as an interrupted copy or a full disk leaves it."""
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
 def metrics(run_dir: Path):
     """(train losses by step, validation losses by step) from a run's metrics.jsonl."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

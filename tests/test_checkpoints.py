@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import BIN, ROOT, SMALL, TOKENS_PER_STEP, metrics, run_train
+from conftest import BIN, ROOT, SMALL, TOKENS_PER_STEP, metrics, run_train, truncate
 
 from megatron_power import checkpoint
 
@@ -34,11 +34,6 @@ def copy_run(finished, tmp_path, name="copy"):
     shutil.copytree(finished, run)
     (run / ".lock").unlink(missing_ok=True)
     return run
-
-
-def truncate(path, keep=0.5):
-    data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
 
 
 DAMAGE = {

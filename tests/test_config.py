@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, ROOT
+from conftest import BIN, ROOT, truncate
 
 from megatron_power.config import ConfigError, load_config, parse_count
 
@@ -129,18 +129,14 @@ def _small_tokenizer(data):
     shutil.copy(small, data / "tokenizer.model")
 
 
-def _truncate(path):
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-
-
 DATA_DAMAGE = {
     "tokenizer-too-small": (_small_tokenizer, "data.train:", "outside the model's vocabulary of 1000"),
     "tokenizer-not-spm": (lambda d: (d / "tokenizer.model").write_bytes(b"not a model"), "data.tokenizer:",
                           "is not a sentencepiece model"),
     "idx-empty": (lambda d: (d / "train.idx").write_bytes(b""), "data.train:", "is not a Megatron index (empty)"),
     "idx-garbage": (lambda d: (d / "train.idx").write_bytes(b"\x00" * 4096), "data.train:", "no MMIDIDX header"),
-    "idx-truncated": (lambda d: _truncate(d / "valid.idx"), "data.valid:", "is damaged"),
-    "bin-truncated": (lambda d: _truncate(d / "train.bin"), "data.train:", "shorter than the"),
+    "idx-truncated": (lambda d: truncate(d / "valid.idx"), "data.valid:", "is damaged"),
+    "bin-truncated": (lambda d: truncate(d / "train.bin"), "data.train:", "shorter than the"),
 }
 
 

@@ -22,6 +22,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from megatron_power.checkpoint import short_file
 from megatron_power.convert.granite import ConversionError
 
 # Bytes before a zip member's name in its local header, and where the name and extra-field
@@ -38,14 +39,11 @@ class TorchDistCheckpoint:
                         if isinstance(v, TensorStorageMetadata)}
         self.storage = {(index.fqn, tuple(index.offset)): info for index, info in self.metadata.storage_data.items()
                         if index.offset is not None}
-        ends: dict = {}
-        for info in self.metadata.storage_data.values():
-            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-        for name, end in ends.items():
-            file = self.path / name
-            if not file.is_file() or file.stat().st_size < end:
-                raise ConversionError(f"{file} is missing or shorter than the {end} bytes the checkpoint's "
-                                      f"metadata lists (an incomplete copy of the checkpoint?)")
+        short = short_file(self.path, self.metadata)
+        if short:
+            name, _, end = short
+            raise ConversionError(f"{self.path / name} is missing or shorter than the {end} bytes the checkpoint's "
+                                  f"metadata lists (an incomplete copy of the checkpoint?)")
 
     def shape(self, key: str) -> torch.Size:
         return self.tensors[key].size
