@@ -15,13 +15,21 @@ PIP_EXTRA  ?=
 
 BIN := $(VENV)/bin
 MP  := $(BIN)/megatron-power
+# The versions the tests last passed with (`make constraints` rewrites the file, on purpose): a
+# fresh install gets those, not whatever was released since. A container's own packages (the
+# system-site venv below) are left as they are.
+CONSTRAINTS ?= constraints.txt
+PIN = $$([ -f $(VENV)/.system-site ] || echo "-c $(CONSTRAINTS)")
 ifeq ($(NPROC),1)
 LAUNCH := $(MP)
 else
-LAUNCH := $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m megatron_power.cli
+# On Ctrl-C or SIGTERM torchrun forwards the signal and SIGKILLs workers still running after
+# --shutdown-timeout (30 s by default): long enough here for them to finish the step and save.
+STOP_TIMEOUT ?= 900
+LAUNCH := $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) --shutdown-timeout $(STOP_TIMEOUT) -m megatron_power.cli
 endif
 
-.PHONY: setup setup-dev setup-plot data train submit sweep convert test bench gpu-check clean-venv
+.PHONY: setup setup-dev setup-plot data train submit sweep convert test bench gpu-check constraints clean-venv
 
 setup: $(VENV)/.installed-base
 setup-dev: $(VENV)/.installed-dev
@@ -30,22 +38,22 @@ setup-plot: $(VENV)/.installed-plot
 $(VENV)/.installed-torch:
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 		echo "Reusing the system's CUDA torch (and TE/Apex if present)"; \
-		$(PYTHON) -m venv --system-site-packages $(VENV); \
+		$(PYTHON) -m venv --system-site-packages $(VENV) && touch $(VENV)/.system-site; \
 	else \
 		$(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q $(PIP_EXTRA) "$(TORCH_SPEC)"; \
 	fi
 	@touch $@
 
-$(VENV)/.installed-base: pyproject.toml $(VENV)/.installed-torch
-	$(BIN)/pip install -q $(PIP_EXTRA) -e .
+$(VENV)/.installed-base: pyproject.toml $(CONSTRAINTS) $(VENV)/.installed-torch
+	$(BIN)/pip install -q $(PIP_EXTRA) $(PIN) -e .
 	@touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-base
-	$(BIN)/pip install -q $(PIP_EXTRA) -e ".[dev]"
+$(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) $(VENV)/.installed-base
+	$(BIN)/pip install -q $(PIP_EXTRA) $(PIN) -e ".[dev]"
 	@touch $@
 
-$(VENV)/.installed-plot: pyproject.toml $(VENV)/.installed-base
-	$(BIN)/pip install -q $(PIP_EXTRA) -e ".[plot]"
+$(VENV)/.installed-plot: pyproject.toml $(CONSTRAINTS) $(VENV)/.installed-base
+	$(BIN)/pip install -q $(PIP_EXTRA) $(PIN) -e ".[plot]"
 	@touch $@
 
 data: setup
@@ -80,6 +88,7 @@ convert: setup-dev
 
 # pytest exits 5 when it collects nothing: that is a broken setup, not a pass.
 test: setup-dev
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
@@ -91,6 +100,11 @@ bench: setup-dev
 # the container, or: $(BIN)/pip install --no-build-isolation -e ".[gpu]"
 gpu-check: setup-dev
 	$(BIN)/python bench/gpu_check.py $(ARGS)
+
+# After a dependency upgrade that `make test` passes with: pin what is installed now.
+constraints:
+	{ echo "# Versions the tests last passed with, written by \`make constraints\`; torch is pinned by TORCH_SPEC."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -e '^torch==' -e '^#'; } > $(CONSTRAINTS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -28,7 +28,6 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 

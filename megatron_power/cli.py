@@ -51,7 +51,7 @@ def _schedule(args) -> int:
     except ValueError as e:
         print(f"error: --at: {e}", file=sys.stderr)
         return 2
-    note = power_law_note(config.schedule, config.train.tokens, config.train.global_batch_size)
+    note = power_law_note(config.schedule, config.train.tokens, config.tokens_per_step)
     if note:
         print(note)
     for line in schedule_table(config, points):

@@ -126,6 +126,9 @@ class ScheduleConfig:
     kind: str = "power"  # power | wsd | cosine | constant
     a: float = 4.0
     b: float = -0.51
+    # The Power formula counts the batch in sequences of this many tokens: beta = batch tokens / it.
+    # 4096 is the paper's, so its a and b hold at any model.seq_length.
+    reference_seq_length: int = 4096
     lr_max: float = 0.02  # Power: the cap; wsd/cosine/constant: the peak
     min_lr: float = 0.0
     # Lengths in tokens ("200M", 2e8), or below 1 as fractions of the budget train.tokens.

@@ -75,7 +75,7 @@ def run(config, widths: List[int], steps: int) -> List[dict]:
             for step in range(steps):
                 values: Dict[str, float] = {}
                 handles = _record(gpt, values)
-                scheduler.step(step * c.tokens_per_step, t.global_batch_size)
+                scheduler.step(step * c.tokens_per_step, c.tokens_per_step)
                 batches = micro_batches(train_data, step * t.global_batch_size, t.global_batch_size,
                                         t.micro_batch_size, rt.dp, rt.dp_rank)
                 model.zero_grad_buffer()

@@ -16,7 +16,8 @@ import sentencepiece as spm
 import torch
 
 from megatron_power.config import DEFAULT_DATA_DIR
-from tokenizer import corpus, preprocess, spm as spm_train
+from tokenizer import corpus, preprocess
+from tokenizer import spm as spm_train
 
 MANIFEST = "manifest.json"
 
@@ -138,19 +139,21 @@ def indexed_dataset_problem(prefix: str, vocab_size: int) -> Optional[str]:
     return None
 
 
-def build_datasets(config, tokenizer: TokenizerInfo):
-    """(train, valid) GPTDatasets over the recipe's blends, built by Megatron's builder."""
+def build_datasets(config, tokenizer: TokenizerInfo, samples_read_before: Optional[dict] = None):
+    """(train, valid) GPTDatasets over the recipe's blends, built by Megatron's builder; each
+    training dataset starts after the samples of it that earlier stages read (continued_dataset)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     from megatron_power.config import parse_blend
+    from megatron_power.continued_dataset import ContinuedDatasetConfig, ContinuedGPTDataset
 
     seq = config.model.seq_length
     # Samples are counted generously so that a run whose batch size changes at a resume still
     # finds enough of them.
     n_train = math.ceil(config.train.tokens / seq) + 2 * config.train.global_batch_size
     n_valid = config.train.eval_batches * config.train.global_batch_size
-    dataset_config = GPTDatasetConfig(
+    dataset_config = ContinuedDatasetConfig(
+        samples_read_before=samples_read_before or {},
         random_seed=config.train.seed,
         sequence_length=seq,
         blend_per_split=[
@@ -167,7 +170,7 @@ def build_datasets(config, tokenizer: TokenizerInfo):
         create_attention_mask=False,
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [n_train, n_valid, None], lambda: True, dataset_config
+        ContinuedGPTDataset, [n_train, n_valid, None], lambda: True, dataset_config
     ).build()
     return train, valid
 

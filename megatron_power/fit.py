@@ -3,7 +3,9 @@
 1. For each token budget T and batch size, the optimal learning rate: a parabola in log(lr) through
    the best grid point and its neighbours (the best grid point itself where it lies on the grid's
    edge, flagged, or where the curve is not convex there).
-2. gamma = lr_opt / batch for the best batch sizes at each T (the paper takes the best 3).
+2. gamma = lr_opt / beta for the best batch sizes at each T (the paper takes the best 3), beta the
+   batch in sequences of `schedule.reference_seq_length` tokens, as the scheduler counts it, so the
+   fitted a and b go into a recipe unchanged at any sequence length.
 3. A least-squares line log(gamma) = log(a) + b log(T), with standard errors from its residuals.
 Besides: how far the optimum moves across widths with and without muP (grid steps), and the
 gradient noise scale B_simple against T with its own power law.
@@ -35,6 +37,11 @@ class Optimum:
     loss: float
     at_edge: bool  # the best lr is the smallest or largest of the grid: the true optimum may lie outside
     grid_index: int  # of the best grid point, in the sorted learning rates
+    beta: float  # the batch in reference-length sequences (scheduler.reference_batch)
+
+    @property
+    def gamma(self) -> float:
+        return self.lr / self.beta
 
 
 @dataclass
@@ -53,13 +60,14 @@ def read_results(path: Path) -> List[dict]:
         raise FitError(f"{path}: no such results table (expected the results.csv of a sweep)")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    need = {"tokens", "batch", "lr", "width", "mup", "valid_loss"}
+    need = {"tokens", "batch", "lr", "width", "mup", "seq_length", "reference_seq_length", "valid_loss"}
     missing = need - set(rows[0] if rows else need)
     if not rows or missing:
         raise FitError(f"{path}: expected a sweep's results table with columns {sorted(need)}"
                        + (f"; missing {sorted(missing)}" if rows else "; it has no rows"))
     for row in rows:
-        row["tokens"], row["batch"], row["width"] = int(row["tokens"]), int(row["batch"]), int(row["width"])
+        for key in ("tokens", "batch", "width", "seq_length", "reference_seq_length"):
+            row[key] = int(row[key])
         row["lr"] = float(row["lr"])
         row["mup"] = row["mup"] == "True"
         for key in ("valid_loss", "b_simple"):
@@ -110,7 +118,8 @@ def optima(rows: List[dict]) -> List[Optimum]:
         if len({r["lr"] for r in group}) < 2:
             continue
         lr, loss, at_edge, index = optimal_lr([r["lr"] for r in group], [r["valid_loss"] for r in group])
-        result.append(Optimum(tokens, batch, lr, loss, at_edge, index))
+        beta = batch * group[0]["seq_length"] / group[0]["reference_seq_length"]
+        result.append(Optimum(tokens, batch, lr, loss, at_edge, index, beta))
     return result
 
 
@@ -138,7 +147,7 @@ def slope_within_batches(opts: List[Optimum]) -> Tuple[float, float]:
     batch sizes mixes that in."""
     batches = sorted({o.batch for o in opts})
     X = np.array([[float(o.batch == b) for b in batches] + [math.log(o.tokens)] for o in opts])
-    Y = np.log([o.lr / o.batch for o in opts])
+    Y = np.log([o.gamma for o in opts])
     dof = len(opts) - X.shape[1]
     if dof < 1 or np.linalg.matrix_rank(X) < X.shape[1]:
         return math.nan, math.nan
@@ -157,9 +166,9 @@ def best_batches(opts: List[Optimum], count: int) -> List[Optimum]:
 
 
 def fit_gamma(opts: List[Optimum], count: int = 3) -> Tuple[PowerLaw, List[Optimum]]:
-    """gamma = lr_opt / batch against T over the best `count` batch sizes at each T."""
+    """gamma = lr_opt / beta against T over the best `count` batch sizes at each T."""
     chosen = best_batches(opts, count)
-    return power_law([o.tokens for o in chosen], [o.lr / o.batch for o in chosen]), chosen
+    return power_law([o.tokens for o in chosen], [o.gamma for o in chosen]), chosen
 
 
 def transfer_rows(rows: List[dict]) -> List[dict]:
@@ -188,13 +197,12 @@ def transfer_shift(rows: List[dict]) -> Dict[bool, Dict[int, Tuple[int, bool]]]:
     return result
 
 
-def yaml_fragment(law: PowerLaw, source: Path, seq_length: int, runs: int) -> str:
-    return (f"# Fitted by `megatron-power fit {source}` from {runs} runs: lr_opt / batch = a * T**b,\n"
-            f"# batch in sequences of {seq_length} tokens, T in tokens.\n"
+def yaml_fragment(law: PowerLaw, source: Path, reference_seq_length: int, runs: int) -> str:
+    return (f"# Fitted by `megatron-power fit {source}` from {runs} runs: lr_opt / beta = a * T**b,\n"
+            f"# beta the batch in sequences of {reference_seq_length} tokens (at any model.seq_length), T in tokens.\n"
             f"# a = {law.a:.4g} +- {law.sigma_a:.2g}, b = {law.b:.4f} +- {law.sigma_b:.2g} (standard errors).\n"
-            f"# For sequences of L tokens (same tokens per batch) use a * L / {seq_length}: "
-            f"{law.a * 4096 / seq_length:.4g} at L = 4096.\n"
-            f"schedule:\n  kind: power\n  a: {law.a:.6g}\n  b: {law.b:.6g}\n")
+            f"schedule:\n  kind: power\n  a: {law.a:.6g}\n  b: {law.b:.6g}\n"
+            f"  reference_seq_length: {reference_seq_length}\n")
 
 
 def noise_scale_points(rows: List[dict], opts: List[Optimum]) -> List[Tuple[int, int, float]]:
@@ -222,7 +230,6 @@ def run(results: Path, out: Path, count: int = 3) -> List[str]:
         families[family(row)].append(row)
     lines = [f"{len(done)} of {len(rows)} runs finished or diverged, in {len(families)} famil"
              f"{'y' if len(families) == 1 else 'ies'}"]
-    seq_length = int(done[0]["seq_length"])
     for key, members in families.items():
         label = family_label(key)
         suffix = "" if len(families) == 1 else "-" + label.replace(", ", "-").replace(" ", "")
@@ -239,14 +246,14 @@ def run(results: Path, out: Path, count: int = 3) -> List[str]:
             lines.append(f"[{label}] one token budget only: a and b need two or more")
             continue
         law, chosen = fit_gamma(opts, count)
-        lines.append(f"[{label}] gamma = lr_opt / batch = a * T**b over the best {count} batch sizes at each T "
+        lines.append(f"[{label}] gamma = lr_opt / beta = a * T**b over the best {count} batch sizes at each T "
                      f"({law.points} points): a = {law.a:.4g} +- {law.sigma_a:.2g}, b = {law.b:.4f} +- {law.sigma_b:.2g}")
         b_within, sigma_within = slope_within_batches(opts)
         if math.isfinite(b_within):
             lines.append(f"[{label}] b with an intercept per batch size (the trend in T alone): "
                          f"{b_within:.4f} +- {sigma_within:.2g}")
         fragment = out / f"fit{suffix}.yaml"
-        fragment.write_text(yaml_fragment(law, results, seq_length, len(members)))
+        fragment.write_text(yaml_fragment(law, results, members[0]["reference_seq_length"], len(members)))
         plots.plot_gamma_fit(opts, chosen, law, out / f"gamma_fit{suffix}.png", label)
         lines.append(f"[{label}] wrote {fragment}")
         noise = noise_scale_points(members, opts)

@@ -30,9 +30,9 @@ def plot_schedule(config, path: str) -> None:
         np.geomspace(max(1.0, budget * 1e-6), budget, 2000),
         np.linspace(budget - decay, budget, 500) if decay else [],
     ]))
-    lrs = [learning_rate(n, s, budget, batch) for n in tokens]
+    lrs = [learning_rate(n, s, budget, config.tokens_per_step) for n in tokens]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(tokens, lrs, color="C0", label=f"{s.kind} (batch {batch})")
+    ax.plot(tokens, lrs, color="C0", label=f"{s.kind} (batch {batch} x {config.model.seq_length})")
     if warmup:
         ax.axvspan(tokens[0], warmup, color="C1", alpha=0.15, label="warmup")
     if decay:
@@ -85,17 +85,17 @@ def plot_lr_sweep(rows, optima, path, label: str) -> None:
 
 
 def plot_gamma_fit(optima, chosen, law, path, label: str) -> None:
-    """gamma = lr_opt / batch against T, log-log, with the fitted power law."""
+    """gamma = lr_opt / beta against T, log-log, with the fitted power law."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     batches = sorted({o.batch for o in optima})
     for i, batch in enumerate(batches):
         mine = [o for o in optima if o.batch == batch]
-        ax.plot([o.tokens for o in mine], [o.lr / o.batch for o in mine], "o", mfc="none", color=f"C{i}")
+        ax.plot([o.tokens for o in mine], [o.gamma for o in mine], "o", mfc="none", color=f"C{i}")
         picked = [o for o in chosen if o.batch == batch]
-        ax.plot([o.tokens for o in picked], [o.lr / o.batch for o in picked], "o", color=f"C{i}", label=f"batch {batch}")
+        ax.plot([o.tokens for o in picked], [o.gamma for o in picked], "o", color=f"C{i}", label=f"batch {batch}")
     _finish_power_law(fig, ax, [o.tokens for o in optima], law, f"fit: {law.a:.3g} T^{law.b:.3f} (b +- {law.sigma_b:.2g})",
-                      "gamma = lr_opt / batch", f"{label}: filled points are the best batch sizes at each T", path)
+                      "gamma = lr_opt / beta (batch in reference sequences)", f"{label}: filled points are the best batch sizes at each T", path)
 
 
 def _finish_power_law(fig, ax, tokens, law, fit_label: str, ylabel: str, title: str, path) -> None:

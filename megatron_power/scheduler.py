@@ -2,7 +2,12 @@
 
 Power scheduler (Shen et al. 2024, arXiv 2408.13359, eq. 7-8):
     lr(n) = min(lr_max, beta * a * n**b)      n: tokens seen, beta: global batch in sequences
-with a linear warmup to lr(N_warmup) and, in the last N_decay tokens of the budget N, a decay
+The paper fitted a = 4, b = -0.51 with sequences of 4096 tokens, so beta here counts the batch's
+tokens in units of `schedule.reference_seq_length` (4096 by default): beta = batch tokens / 4096.
+A model with shorter or longer sequences then gets the same lr for the same tokens per step, and
+(a, b) fitted at one sequence length (`fit` uses the same unit) apply at any other.
+
+A linear warmup to lr(N_warmup) and, in the last N_decay tokens of the budget N, a decay
 f(r) * lr(N - N_decay) towards min_lr, r the fraction of the decay done.
 
 Because the schedule reads tokens, not steps, a change of batch size (after a resume, or under a
@@ -27,15 +32,21 @@ DECAY_SHAPES: Dict[str, Callable[[float], float]] = {
 KINDS = ("power", "wsd", "cosine", "constant")
 
 
-def power_lr(tokens: float, batch_size: int, a: float, b: float, lr_max: float) -> float:
-    """The Power scheduler's lr at `tokens` for a global batch of `batch_size` sequences."""
+def power_lr(tokens: float, batch: float, a: float, b: float, lr_max: float) -> float:
+    """The Power scheduler's lr at `tokens` for a global batch of `batch` reference-length sequences."""
     if tokens <= 0:
         return lr_max
-    return min(lr_max, batch_size * a * tokens**b)
+    return min(lr_max, batch * a * tokens**b)
 
 
-def learning_rate(tokens: float, schedule, budget: int, batch_size: int) -> float:
-    """The base learning rate after `tokens` of a `budget`-token run (schedule: ScheduleConfig)."""
+def reference_batch(schedule, batch_tokens: int) -> float:
+    """beta of the Power formula: a batch of `batch_tokens` tokens in reference-length sequences."""
+    return batch_tokens / schedule.reference_seq_length
+
+
+def learning_rate(tokens: float, schedule, budget: int, batch_tokens: int) -> float:
+    """The base learning rate after `tokens` of a `budget`-token run whose optimizer steps take
+    `batch_tokens` tokens each (schedule: ScheduleConfig)."""
     s = schedule
     warmup, decay = phase_tokens(s.warmup, budget), phase_tokens(s.decay, budget)
 
@@ -47,7 +58,7 @@ def learning_rate(tokens: float, schedule, budget: int, batch_size: int) -> floa
         return s.min_lr + DECAY_SHAPES["cosine"](r) * (s.lr_max - s.min_lr)
 
     def plateau(n: float) -> float:
-        return power_lr(n, batch_size, s.a, s.b, s.lr_max) if s.kind == "power" else s.lr_max
+        return power_lr(n, reference_batch(s, batch_tokens), s.a, s.b, s.lr_max) if s.kind == "power" else s.lr_max
 
     if warmup > 0 and tokens < warmup:
         return plateau(warmup) * tokens / warmup
@@ -59,17 +70,18 @@ def learning_rate(tokens: float, schedule, budget: int, batch_size: int) -> floa
     return plateau(tokens)
 
 
-def power_law_note(schedule, budget: int, batch_size: int):
+def power_law_note(schedule, budget: int, batch_tokens: int):
     """One line when a Power schedule's cap hides its power law, else None: the cap lasting until
     the decay (the run is a constant-lr run with a decay), or outlasting the warmup."""
     s = schedule
     if s.kind != "power":
         return None
-    cap_end = (s.lr_max / (batch_size * s.a)) ** (1.0 / s.b)  # where batch * a * n**b falls to lr_max
+    batch = reference_batch(s, batch_tokens)
+    cap_end = (s.lr_max / (batch * s.a)) ** (1.0 / s.b)  # where batch * a * n**b falls to lr_max
     warmup, decay = phase_tokens(s.warmup, budget), phase_tokens(s.decay, budget)
     decay_start = budget - decay
     if cap_end >= decay_start:
-        return (f"warning: the power law never acts in this run: batch {batch_size} x a {s.a:g} x n^{s.b:g} stays "
+        return (f"warning: the power law never acts in this run: beta {batch:g} x a {s.a:g} x n^{s.b:g} stays "
                 f"above lr_max {s.lr_max:g} until {cap_end:,.0f} tokens, past the {decay_start:,} where "
                 f"{'the decay starts' if decay else 'the run ends'} (lower schedule.a or schedule.lr_max, or train longer)")
     if cap_end > warmup:
@@ -101,6 +113,9 @@ def validate(s, budget: int) -> List[str]:
             errors.append(f"schedule.a must be positive, got {s.a}")
         if s.b >= 0:
             errors.append(f"schedule.b must be negative (lr falls with tokens), got {s.b}")
+        if s.reference_seq_length <= 0:
+            errors.append(f"schedule.reference_seq_length must be a positive number of tokens, got "
+                          f"{s.reference_seq_length}")
     if s.lr_max <= 0:
         errors.append(f"schedule.lr_max must be positive, got {s.lr_max}")
     elif not 0 <= s.min_lr < s.lr_max:
@@ -129,8 +144,8 @@ class TokenScheduler:
         self.budget = budget
         self.weight_decay = weight_decay
 
-    def step(self, tokens: int, batch_size: int) -> float:
-        lr = learning_rate(tokens, self.schedule, self.budget, batch_size)
+    def step(self, tokens: int, batch_tokens: int) -> float:
+        lr = learning_rate(tokens, self.schedule, self.budget, batch_tokens)
         factor = lr / self.schedule.lr_max
         for group in self.optimizer.param_groups:
             group["lr"] = factor * group["max_lr"] * group.get("lr_mult", 1.0)
@@ -140,13 +155,13 @@ class TokenScheduler:
 
 def schedule_table(config, token_counts: List[int]) -> List[str]:
     """One line per token count: the base lr and the lr of each parameter group."""
-    batch, budget = config.train.global_batch_size, config.train.tokens
+    batch_tokens, budget = config.tokens_per_step, config.train.tokens
     from megatron_power.mup import group_base_lrs
 
     bases = group_base_lrs(config)
     lines = [f"{'tokens':>18}  {'lr':>10}  " + "  ".join(f"{name:>16}" for name in bases)]
     for n in token_counts:
-        lr = learning_rate(n, config.schedule, budget, batch)
+        lr = learning_rate(n, config.schedule, budget, batch_tokens)
         factor = lr / config.schedule.lr_max
         lines.append(f"{n:>18,}  {lr:>10.4e}  " + "  ".join(f"{factor * b:>16.4e}" for b in bases.values()))
     return lines

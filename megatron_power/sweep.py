@@ -28,8 +28,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megatron_power.config import (FINISHED, RECIPES_DIR, ConfigError, load_config, load_yaml, omegaconf_message,
-                                   to_yaml)
+from megatron_power.config import FINISHED, RECIPES_DIR, ConfigError, load_config, load_yaml, omegaconf_message, to_yaml
 
 SPECS_DIR = RECIPES_DIR / "sweeps"
 DIVERGED = "diverged.json"  # written here when a point stops on non-finite losses (train's exit code 3)
@@ -284,6 +283,7 @@ def collect(spec: SweepSpec, grid: List[Point]) -> Path:
             "point": point.name, "status": state,
             "tokens": config.train.tokens, "batch": config.train.global_batch_size, "lr": config.schedule.lr_max,
             "width": config.model.hidden_size, "mup": config.mup.enabled, "seq_length": config.model.seq_length,
+            "reference_seq_length": config.schedule.reference_seq_length,
             **{f"grid.{k}": v for k, v in point.values.items()},
             "valid_loss": math.inf if state == "diverged" else valid,
             "train_loss": _last(metrics, "loss"), "b_simple": _last(metrics, "b_simple"),

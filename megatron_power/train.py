@@ -11,22 +11,31 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_power import checkpoint, hardware, mup, plan, run_lock, runtime
-from megatron_power.expert_load import ExpertLoad
-from megatron_power.signals import StopRequest
-from megatron_power.config import (FINISHED, Config, ConfigError, from_yaml, model_differences, model_vocab_size,
-                                   to_yaml, world_size_from_env)
+from megatron_power.config import (
+    FINISHED,
+    Config,
+    ConfigError,
+    from_yaml,
+    model_differences,
+    model_vocab_size,
+    parse_blend,
+    to_yaml,
+    world_size_from_env,
+)
+from megatron_power.continued_dataset import reordered, samples_read
 from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
+from megatron_power.expert_load import ExpertLoad
 from megatron_power.metrics import MetricsLogger
 from megatron_power.model import build_model
 from megatron_power.noise import FirstMicrobatchProbe, NoiseScaleAverage
 from megatron_power.scheduler import TokenScheduler, phase_tokens, power_law_note
+from megatron_power.signals import StopRequest
 
 
 class NonFiniteError(RuntimeError):
@@ -43,6 +52,8 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
     noise_scale: dict = field(default_factory=lambda: asdict(NoiseScaleAverage()))
+    # Training samples of each dataset that earlier stages read (continued_dataset.samples_read).
+    samples_read_before: dict = field(default_factory=dict)
 
 
 def build_optimizer(config: Config, model):
@@ -199,7 +210,10 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
             f"{source} holds weights only (no training progress); stage 2 needs a stage-1 training "
             f"checkpoint (use train.stage=1 to start from these weights)")
     state = TrainState(**checkpoint.load(source, model, optimizer)["train_state"])
-    state.consumed_samples = 0  # stage 2 reads its own blend from the beginning
+    stage1 = from_yaml(saved["config"])
+    state.samples_read_before = samples_read(parse_blend(stage1.data.train, "data.train"), state.consumed_samples,
+                                             state.samples_read_before)
+    state.consumed_samples = 0  # of stage 2's own blend, whose stage-1 datasets start past stage 1's samples
     decay_start = config.train.tokens - phase_tokens(config.schedule.decay, config.train.tokens)
     note = ("" if decay_start == state.consumed_tokens else
             f"; note: its decay starts at {decay_start:,} tokens, not where stage 1 ended")
@@ -236,16 +250,18 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
         probe = FirstMicrobatchProbe(model, t.micro_batch_size, t.global_batch_size,
                                      t.global_batch_size // (t.micro_batch_size * rt.dp), config.parallel.ep, rt.device)
     scheduler = TokenScheduler(optimizer, config.schedule, t.tokens, config.optim.weight_decay)
-    train_data, valid_data = build_datasets(config, tokenizer)
 
     ckpt_dir = config.checkpoint_dir
     state, messages = _restore(config, model, optimizer, vocab_size)
+    train_data, valid_data = build_datasets(config, tokenizer, state.samples_read_before)
+    messages += [f"note: {prefix} spans more than one epoch, so this stage reads it in a new order, not "
+                 f"past the samples earlier stages read" for prefix in reordered(train_data)]
     final_step = state.step + (t.tokens - state.consumed_tokens) // config.tokens_per_step
     log = MetricsLogger(config, rt, optimizer, start_step=state.step, final_step=final_step)
     for message in messages:
         log.info(message)
     log.info(f"hardware: {rt.hardware.describe()}")
-    note = power_law_note(config.schedule, t.tokens, t.global_batch_size)
+    note = power_law_note(config.schedule, t.tokens, config.tokens_per_step)
     if note:
         log.info(note)
     if config.precision.fp8 and rt.hardware.cuda and not rt.hardware.transformer_engine:
@@ -262,7 +278,7 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
 
     # The budget is in tokens, so a run resumed with another batch size ends where it should.
     while state.consumed_tokens + config.tokens_per_step <= t.tokens:
-        lr = scheduler.step(state.consumed_tokens, t.global_batch_size)
+        lr = scheduler.step(state.consumed_tokens, config.tokens_per_step)
         batches = micro_batches(train_data, state.consumed_samples, t.global_batch_size,
                                 t.micro_batch_size, rt.dp, rt.dp_rank)
         model.zero_grad_buffer()

@@ -11,7 +11,6 @@ import time
 import pytest
 
 from conftest import BIN, ROOT, SMALL, TOKENS_PER_STEP, metrics, run_train, truncate
-
 from megatron_power import checkpoint
 
 STEPS = 6

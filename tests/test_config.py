@@ -6,7 +6,6 @@ import subprocess
 import pytest
 
 from conftest import BIN, ROOT, truncate
-
 from megatron_power.config import ConfigError, load_config, parse_count
 
 BAD = [
@@ -24,6 +23,7 @@ BAD = [
     (["data.tokenizer=nowhere.model"], 1, "data.tokenizer: nowhere.model not found"),
     (["schedule.b=0.5"], 1, "schedule.b must be negative"),
     (["schedule.a=0"], 1, "schedule.a must be positive"),
+    (["schedule.reference_seq_length=0"], 1, "schedule.reference_seq_length must be a positive number of tokens"),
     (["schedule.kind=triangle"], 1, "schedule.kind 'triangle' is unknown"),
     (["schedule.decay_shape=cubic"], 1, "schedule.decay_shape 'cubic' is unknown"),
     (["schedule.warmup=3M", "schedule.decay=2M"], 1, "exceed the token budget train.tokens (4,000,000)"),

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from conftest import BIN, ROOT, metrics, run_train
-
 from megatron_power import cli
 
 STEPS = 6
@@ -102,7 +101,6 @@ def imported(exported, tmp_path_factory):
 @pytest.mark.parametrize("name", ["tp2-dense", "ep2-moe"])
 def test_hf_megatron_hf_is_bit_exact(exported, imported, tmp_path, name):
     from safetensors.torch import load_file
-
     from transformers import AutoModelForCausalLM
 
     first, second = exported[name][0], tmp_path / "second"

@@ -9,7 +9,6 @@ import pytest
 import sentencepiece as spm
 
 from conftest import ROOT
-
 from megatron_power import cli
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -148,3 +147,55 @@ def test_recipe_blend_samples_in_proportion(corpus, tokenizer, tmp_path):
         dist.destroy_process_group()
     shares = np.bincount(train.dataset_index, minlength=2) / len(train)
     assert shares == pytest.approx([0.25, 0.75], abs=0.01)
+
+
+def _sample_starts(dataset, first: int, count: int) -> list:
+    """(document id, token offset) where each of samples [first, first + count) of a GPTDataset
+    begins: the sample's identity whatever order or size the dataset was built with."""
+    starts = []
+    for k in range(first + dataset.skip, first + dataset.skip + count):
+        doc_position, offset = dataset.sample_index[dataset.shuffle_index[k]]
+        starts.append((int(dataset.document_index[doc_position]), int(offset)))
+    return starts
+
+
+def test_stage_two_continues_the_stage_one_data_past_what_stage_one_read(default_data, tmp_path):
+    """Stage 1 reads the corpus alone; stage 2 blends it 0.7 / 0.3 with other data and reads, of
+    the stage-1 corpus, exactly the samples that come after stage 1's in stage 1's own order."""
+    import torch.distributed as dist
+
+    from megatron_power.config import load_config, parse_blend
+    from megatron_power.continued_dataset import dataset_key, samples_read
+    from megatron_power.data import TokenizerInfo, build_datasets
+    from megatron_power.runtime import _free_port
+
+    common = ["model.seq_length=128", "train.global_batch_size=16", "train.micro_batch_size=4",
+              f"out_dir={tmp_path}"]
+    stage1 = load_config("proxy", common + ["train.tokens=409600", "name=stage1"])  # 200 steps of 16 x 128
+    stage2 = load_config("proxy", common + ["train.tokens=819200", "name=stage2", "train.stage=2",
+                                            f"checkpoint.init_from={tmp_path}", "schedule.decay=409600",
+                                            "data.train=[0.7,data/stdlib/train,0.3,data/stdlib/valid]"],
+                         check_paths=False)
+    read = 200 * 16
+    before = samples_read(parse_blend(stage1.data.train, "data.train"), read, {})
+    corpus = dataset_key(stage1.data.train[0])
+    assert before == {corpus: read}
+    tokenizer = TokenizerInfo.from_sentencepiece(stage1.data.tokenizer)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        first, _ = build_datasets(stage1, tokenizer)
+        second, _ = build_datasets(stage2, tokenizer, before)
+    finally:
+        dist.destroy_process_group()
+
+    samples = 200 * 16  # stage 2's own
+    from_corpus = second.dataset_sample_index[:samples][second.dataset_index[:samples] == 0]
+    assert list(from_corpus) == list(range(len(from_corpus)))  # in order, from the first unread one
+    continued = second.datasets[0]
+    assert (continued.skip, continued.epochs) == (read, 1)
+    stage1_read = _sample_starts(first, 0, read)
+    stage2_read = _sample_starts(continued, 0, len(from_corpus))
+    assert len(set(stage1_read)) == read
+    assert not set(stage1_read) & set(stage2_read)
+    # The continuation is stage 1's own order: what stage 1 would have read next.
+    assert stage2_read == _sample_starts(first, read, len(from_corpus))

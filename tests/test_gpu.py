@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from conftest import BIN, GPU_ENV, GPUS, ROOT, SMALL, environment, metrics, run_train
-
 from megatron_power.coordcheck import slopes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="needs a CUDA GPU")]

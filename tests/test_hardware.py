@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 from conftest import ROOT
-
 from megatron_power import hardware, plan
 from megatron_power.config import load_config
 from megatron_power.hardware import Hardware
@@ -120,8 +119,8 @@ def test_mfu_peak_is_that_of_the_exact_device():
 
 def test_gpu_extra_takes_only_a_transformer_engine_megatron_core_supports():
     import importlib.metadata
-    import tomllib
 
+    import tomllib
     from packaging.requirements import Requirement
 
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]

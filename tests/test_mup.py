@@ -6,7 +6,6 @@ import subprocess
 import pytest
 
 from conftest import BIN, ROOT
-
 from megatron_power.config import load_config
 from megatron_power.coordcheck import slopes
 

@@ -22,9 +22,7 @@ import psutil
 import pytest
 
 from conftest import BIN, ROOT, SMALL, metrics, run_train
-
 from megatron_power import checkpoint
-
 from megatron_power.config import load_config
 
 STEPS = 10

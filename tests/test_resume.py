@@ -10,7 +10,6 @@ import psutil
 import pytest
 
 from conftest import BIN, ROOT, SMALL, TOKENS_PER_STEP, metrics, run_train
-
 from megatron_power import checkpoint
 
 STEPS = 24

@@ -7,14 +7,13 @@ import time
 
 import pytest
 
-from conftest import BATCH, BIN, ROOT, SEQ, SMALL, TOKENS_PER_STEP, run_train
-
+from conftest import BATCH, BIN, ROOT, SMALL, TOKENS_PER_STEP, run_train
 from megatron_power.config import load_config
 from megatron_power.scheduler import learning_rate
 
 TPS = TOKENS_PER_STEP
 # A small `a` puts the Power law below its cap, so the lr depends on tokens and batch size.
-POWER = ["schedule.a=0.01", "schedule.lr_max=0.01", "schedule.warmup=0"]
+POWER = ["schedule.a=0.32", "schedule.lr_max=0.01", "schedule.warmup=0"]
 
 
 def rows(run_dir):
@@ -55,8 +54,8 @@ def test_batch_size_change_at_resume_stays_on_the_token_schedule(default_data, t
     assert batches == {TPS, 2 * TPS}
     previous = 0
     for row in ordered:
-        batch = (row["tokens"] - previous) // SEQ
-        assert row["lr"] == pytest.approx(learning_rate(previous, config.schedule, budget, batch), rel=1e-12)
+        batch_tokens = row["tokens"] - previous
+        assert row["lr"] == pytest.approx(learning_rate(previous, config.schedule, budget, batch_tokens), rel=1e-12)
         previous = row["tokens"]
 
 
@@ -76,11 +75,19 @@ def test_stage_two_starts_at_stage_one_lr_and_decays_to_zero(default_data, tmp_p
 
     s1 = load_config("proxy", stage1, check_paths=False)
     s2 = load_config("proxy", stage2, check_paths=False)
-    reached = learning_rate(stage1_tokens, s1.schedule, stage1_tokens, BATCH)  # where stage 1 left off
+    reached = learning_rate(stage1_tokens, s1.schedule, stage1_tokens, TPS)  # where stage 1 left off
     lrs = [r["lr"] for r in rows(tmp_path / "stage2")]
     assert rows(tmp_path / "stage2")[0]["tokens"] == stage1_tokens + TPS  # continues the token count
     assert lrs[0] == pytest.approx(reached, rel=1e-12)
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
-    assert learning_rate(stage1_tokens + stage2_tokens, s2.schedule, s2.train.tokens, BATCH) == 0.0
+    assert learning_rate(stage1_tokens + stage2_tokens, s2.schedule, s2.train.tokens, TPS) == 0.0
+    # Stage 2 reads the stage-1 corpus past the samples stage 1 read (test_data_pipeline checks
+    # that these are exactly the ones stage 1 did not read), and a resume of stage 2 keeps that.
+    from megatron_power.checkpoint import saved_state
+    from megatron_power.continued_dataset import dataset_key
+
+    state = saved_state(tmp_path / "stage2" / "checkpoints" / "iter_0000012")["train_state"]
+    assert state["samples_read_before"] == {dataset_key(s1.data.train[0]): 6 * BATCH}
+    assert state["consumed_samples"] == 6 * BATCH
     # The stage-1 run's checkpoints are read, never written.
     assert sorted(p.name for p in (tmp_path / "stage1" / "checkpoints").iterdir()) == ["iter_0000006", "latest"]

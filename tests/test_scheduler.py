@@ -25,7 +25,7 @@ def test_power_lr_is_capped_until_about_26_billion_tokens():
 def test_warmup_is_linear_and_decay_reaches_zero_continuously():
     s = ScheduleConfig(kind="power", warmup=1e9, decay=2e11, decay_shape="exp_ibm", **PAPER)
     budget, batch = 10**12, 1024
-    lr = lambda n: learning_rate(n, s, budget, batch)  # noqa: E731
+    lr = lambda n: learning_rate(n, s, budget, batch * 4096)  # noqa: E731
     assert lr(0) == 0.0
     assert lr(0.25e9) == pytest.approx(0.25 * power_lr(1e9, batch, **PAPER))
     assert lr(0.5e9) == pytest.approx(0.5 * power_lr(1e9, batch, **PAPER))
@@ -73,13 +73,24 @@ def test_wsd_and_cosine_match_megatron_step_by_step(kind, shape, megatron_style)
     for step in range(steps + 1):
         reference.num_steps = step
         expected = reference.get_lr(reference.optimizer.param_groups[0])
-        ours = learning_rate(step * tokens_per_step, s, steps * tokens_per_step, 8)
+        ours = learning_rate(step * tokens_per_step, s, steps * tokens_per_step, tokens_per_step)
         assert ours == pytest.approx(expected, rel=1e-12, abs=1e-15), f"step {step}"
 
 
 def test_batch_size_changes_the_power_schedule_as_the_paper_prescribes():
     s = ScheduleConfig(kind="power", **PAPER)
-    assert learning_rate(1e12, s, 10**13, 2048) == pytest.approx(2 * learning_rate(1e12, s, 10**13, 1024))
+    assert learning_rate(1e12, s, 10**13, 2048 * 4096) == pytest.approx(2 * learning_rate(1e12, s, 10**13, 1024 * 4096))
+
+
+def test_the_batch_counts_sequences_of_the_reference_length():
+    """The paper's a and b were fitted on 4096-token sequences: its 3B recipe's lr (1024 x 4096)
+    holds for any split of the same tokens per step into sequences, and the unit is explicit."""
+    s = ScheduleConfig(kind="power", **PAPER)
+    for sequences, length in ((1024, 4096), (512, 8192), (32768, 128)):
+        assert learning_rate(1e12, s, 10**13, sequences * length) == pytest.approx(3.1e-3, rel=0.01)
+    halved = ScheduleConfig(kind="power", a=PAPER["a"] / 2, b=PAPER["b"], lr_max=PAPER["lr_max"],
+                            reference_seq_length=2048)
+    assert learning_rate(1e12, halved, 10**13, 1024 * 4096) == pytest.approx(learning_rate(1e12, s, 10**13, 1024 * 4096))
 
 
 def test_schedule_command_prints_each_requested_point(tmp_path):
@@ -110,10 +121,12 @@ def test_a_cap_that_hides_the_power_law_is_reported():
 
     def note(recipe, *overrides, world_size=1):
         c = load_config(recipe, list(overrides), world_size, check_paths=False)
-        return power_law_note(c.schedule, c.train.tokens, c.train.global_batch_size)
+        return power_law_note(c.schedule, c.train.tokens, c.tokens_per_step)
 
-    # The proxy's default run: 32 x 4 x n^-0.51 is 0.055 at its last token, over lr_max 0.02.
-    assert note("proxy").startswith("warning: the power law never acts in this run")
+    # The proxy's default run is below its cap from the end of its warmup on.
+    assert note("proxy") is None
+    # Counting its batch in its own 256-token sequences (32, not 2 of 4096) would cap all of it.
+    assert note("proxy", "schedule.reference_seq_length=256").startswith("warning: the power law never acts")
     # The paper's 3B run: capped until about 2.6e10 tokens (its check value), well past the warmup.
     dense3b = note("dense3b", world_size=8)
     assert dense3b.startswith("note: the lr holds at lr_max 0.02")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import BIN, ROOT, write_spec
-
 from megatron_power import fit
+
 
 def sweep(*args, **popen):
     return subprocess.Popen([str(BIN / "megatron-power"), "sweep", *map(str, args)], cwd=ROOT,
@@ -58,24 +58,26 @@ def test_grid_is_interrupted_resumed_and_fitted(default_data, tmp_path):
     result = subprocess.run([str(BIN / "megatron-power"), "fit", str(runs / "results.csv")], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "gamma = lr_opt / batch = a * T**b" in result.stdout
+    assert "gamma = lr_opt / beta = a * T**b" in result.stdout
     for figure in ("lr_sweep.png", "gamma_fit.png", "noise_scale.png"):
         assert (runs / figure).stat().st_size > 10_000
     assert "schedule:\n  kind: power\n  a: " in (runs / "fit.yaml").read_text()
 
 
-def synthetic_rows(a, b, noise, rng):
-    """Final losses of a grid whose optimum follows lr_opt = batch * a * T**b: a parabola in log lr
-    around it, a floor that falls with T, and a penalty that makes batch 256 the worst."""
+def synthetic_rows(a, b, noise, rng, seq_length=4096):
+    """Final losses of a grid whose optimum follows lr_opt = beta * a * T**b (beta: the batch in
+    4096-token sequences): a parabola in log lr around it, a floor that falls with T, and a penalty
+    that makes batch 256 the worst."""
     rows = []
     lrs = [1e-4 * 2**k for k in range(11)]
     for tokens in (1e8, 4e8, 1.6e9, 6.4e9):
         for batch in (16, 32, 64, 256):
-            optimum = batch * a * tokens**b
+            optimum = batch * seq_length / 4096 * a * tokens**b
             for lr in lrs:
                 loss = 3 + 20 * tokens**-0.2 + 0.04 * math.log(lr / optimum) ** 2 + 0.05 * (batch == 256)
                 rows.append({"point": f"{tokens}-{batch}-{lr}", "status": "finished", "tokens": int(tokens),
-                             "batch": batch, "lr": lr, "width": 256, "mup": True, "seq_length": 4096,
+                             "batch": batch, "lr": lr, "width": 256, "mup": True, "seq_length": seq_length,
+                             "reference_seq_length": 4096,
                              "valid_loss": loss + rng.normal(0, noise), "b_simple": None})
     return rows
 
@@ -105,6 +107,33 @@ def test_fit_recovers_a_known_power_law(tmp_path):
     assert OmegaConf.create(fragment).schedule.a == pytest.approx(law.a, rel=1e-5)
 
 
+def test_a_fit_at_short_sequences_gives_the_scheduler_its_optima(tmp_path):
+    """A sweep at 128-token sequences: the fitted (a, b), put into a recipe at that sequence length,
+    make the Power scheduler return the optimum the fit found at each (T, batch) of the sweep."""
+    from omegaconf import OmegaConf
+
+    from megatron_power.config import load_config
+    from megatron_power.scheduler import learning_rate
+
+    rows = synthetic_rows(100.0, -0.51, noise=0.0, rng=np.random.default_rng(0), seq_length=128)
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fit.run(path, tmp_path / "out")
+    fitted = OmegaConf.create((tmp_path / "out" / "fit.yaml").read_text()).schedule
+    optima = fit.best_batches(fit.optima(rows), 3)
+    assert len(optima) == 12
+    for o in optima:
+        config = load_config("proxy", [f"schedule.a={fitted.a}", f"schedule.b={fitted.b}", "schedule.lr_max=1",
+                                       "schedule.warmup=0", "schedule.decay=0", "model.seq_length=128",
+                                       f"train.global_batch_size={o.batch}", "train.micro_batch_size=8",
+                                       f"train.tokens={2 * o.tokens}"], check_paths=False)
+        assert learning_rate(o.tokens, config.schedule, config.train.tokens, config.tokens_per_step) == \
+            pytest.approx(o.lr, rel=1e-4), (o.tokens, o.batch)
+
+
 def test_optimum_at_the_edge_is_flagged_and_divergence_counts_as_worst():
     lr, loss, at_edge, index = fit.optimal_lr([0.01, 0.02, 0.04], [3.0, 3.1, 3.2])
     assert (lr, at_edge, index) == (0.01, True, 0)
@@ -117,7 +146,7 @@ def test_bad_results_table_is_refused(tmp_path):
     bad.write_text("point,lr\nx,0.1\n")
     result = subprocess.run([str(BIN / "megatron-power"), "fit", str(bad)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
-    assert "missing ['batch', 'mup', 'tokens', 'valid_loss', 'width']" in result.stderr
+    assert "missing ['batch', 'mup', 'reference_seq_length', 'seq_length', 'tokens', 'valid_loss', 'width']" in result.stderr
 
 
 def test_bad_spec_is_refused_before_any_run(default_data, tmp_path):
