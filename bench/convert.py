@@ -24,9 +24,9 @@ BIN = Path(sys.executable).parent
 
 
 def make_checkpoint(layers: int, root: Path) -> None:
-    from megatron_power import checkpoint, runtime
     from megatron_power.config import load_config, to_yaml
-    from megatron_power.model import build_model
+    from megatron_power.training import checkpoint, runtime
+    from megatron_power.training.model import build_model
 
     config = load_config("dense3b", [f"model.num_layers={layers}", "parallel.tp=1", "parallel.pp=1",
                                      "parallel.distributed_optimizer=false", "precision.recompute=none"],

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from megatron_power import hardware  # noqa: E402
+from megatron_power.training import hardware  # noqa: E402
 
 
 def run(name: str, cmd: list, out: Path) -> dict:

@@ -31,8 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from megatron_power import hardware, plan  # noqa: E402
 from megatron_power.config import load_config  # noqa: E402
+from megatron_power.ops import plan  # noqa: E402
+from megatron_power.training import hardware  # noqa: E402
 
 ONE_GPU = ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.sequence_parallel=false"]
 PRECISION = {"bf16": ["precision.fp8=null"], "fp8": []}  # the 3B recipes name their FP8 setting

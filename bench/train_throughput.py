@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from megatron_power.config import load_config  # noqa: E402
-from megatron_power.model import padded_vocab_size  # noqa: E402
+from megatron_power.training.model import padded_vocab_size  # noqa: E402
 
 
 def megatron_power_tokens_per_s(steps: int, warmup: int, overrides) -> float:

@@ -8,6 +8,8 @@ import sys
 import time
 import warnings
 
+from megatron_power.errors import ConfigError, DataError, UserError
+
 # Megatron-Core warns at import that it uses its own kernels without Transformer Engine and Apex:
 # the expected state on CPU machines and login nodes (a GPU run without TE says so in its log).
 warnings.filterwarnings("ignore", message="(Transformer Engine and Apex are|Apex is) not installed")
@@ -20,44 +22,34 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 
 def _train(args) -> int:
-    from megatron_power.signals import StopRequest
+    from megatron_power.training.signals import StopRequest
 
     stop = StopRequest()
     from megatron_power.config import load_config, world_size_from_env
 
     config = load_config(args.recipe, args.overrides, world_size_from_env(), smoke=args.smoke)
-    from megatron_power.checkpoint import CheckpointError
-    from megatron_power.runtime import DeviceError
-    from megatron_power.train import NonFiniteError, train
+    from megatron_power.training.loop import train
 
-    try:
-        train(config, stop)
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (CheckpointError, DeviceError) as e:  # DeviceError: only the process without a GPU knows
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    train(config, stop)
     return 0
 
 
 def _schedule(args) -> int:
     from megatron_power.config import load_config, parse_count
-    from megatron_power.scheduler import power_law_note, schedule_table
+    from megatron_power.training.schedule import power_law_note, schedule_table
 
     config = load_config(args.recipe, args.overrides, args.world_size, check_paths=False)
     try:
         points = [parse_count(a) for a in args.at]
     except ValueError as e:
-        print(f"error: --at: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--at: {e}") from None
     note = power_law_note(config.schedule, config.train.tokens, config.tokens_per_step)
     if note:
         print(note)
     for line in schedule_table(config, points):
         print(line)
     if args.plot:
-        from megatron_power.plots import plot_schedule
+        from megatron_power.science.plots import plot_schedule
 
         plot_schedule(config, args.plot)
         print(f"wrote {args.plot}")
@@ -67,7 +59,7 @@ def _schedule(args) -> int:
 def _data(args) -> int:
     from pathlib import Path
 
-    from megatron_power.data import MANIFEST, build_default_data
+    from megatron_power.training.data import MANIFEST, build_default_data
 
     out = Path(args.out)
     existed = (out / MANIFEST).is_file()
@@ -100,9 +92,9 @@ def _preprocess(args) -> int:
 
     paths = sources.check_inputs(args.inputs)
     if not Path(args.tokenizer).is_file():
-        raise sources.BadInput(f"--tokenizer {args.tokenizer}: no such file (expected a sentencepiece .model)")
+        raise DataError(f"--tokenizer {args.tokenizer}: no such file (expected a sentencepiece .model)")
     if not 0 <= args.valid_fraction < 1:
-        raise sources.BadInput(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
+        raise DataError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
     out = Path(args.out)
     valid = out.with_name(out.name + "_valid") if args.valid_fraction > 0 else None
     if preprocess.is_complete(out) and (valid is None or preprocess.is_complete(valid)):
@@ -126,19 +118,18 @@ def _preprocess(args) -> int:
 def _coordcheck(args) -> int:
     from pathlib import Path
 
-    from megatron_power import coordcheck
     from megatron_power.config import load_config
+    from megatron_power.science import coordcheck
 
     try:
         widths = sorted({int(w) for w in args.widths.split(",")})
     except ValueError:
-        print(f"error: --widths: expected comma-separated integers, got '{args.widths}'", file=sys.stderr)
-        return 2
-    if len(widths) < 2 or any(w % coordcheck.HEAD_DIM for w in widths):
-        print(f"error: --widths: expected two or more multiples of {coordcheck.HEAD_DIM}, got {widths}",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"--widths: expected comma-separated integers, got '{args.widths}'") from None
+    if len(widths) < 2:
+        raise ConfigError(f"--widths: expected two or more widths, got {widths}")
     config = load_config(args.recipe, args.overrides)
+    for width in widths:
+        config.model.at_width(width)  # refuses a width that is not a multiple of the head size
     rows = coordcheck.run(config, widths, args.steps)
     out = Path(args.out or config.run_dir / "coordcheck")
     coordcheck.write(rows, out)
@@ -148,36 +139,17 @@ def _coordcheck(args) -> int:
 
 
 def _params(args) -> int:
-    from dataclasses import replace
+    from megatron_power.config import load_config
+    from megatron_power.science import params
 
-    from megatron_power import runtime
-    from megatron_power.config import load_config, model_vocab_size
-    from megatron_power.data import TokenizerInfo
-    from megatron_power.model import build_model
-    from megatron_power.train import build_optimizer, wrap_model
-
-    config = load_config(args.recipe, args.overrides)
-    # Groups are the same with the distributed optimizer, whose groups hold shards, not parameters.
-    config = replace(config, parallel=replace(config.parallel, distributed_optimizer=False))
-    rt = runtime.initialize(config)
-    vocab = model_vocab_size(config, TokenizerInfo.from_sentencepiece(config.data.tokenizer).vocab_size)
-    model = wrap_model(config, build_model(config, vocab))
-    optimizer = build_optimizer(config, model)
-    group_of = {id(p): g for chained in optimizer.chained_optimizers
-                for g in chained.optimizer.param_groups for p in g["params"]}
-    if rt.rank == 0:  # under torchrun: the first rank's parameters (its shards, its local experts)
-        print(f"{'parameter':<58} {'shape':<14} {'max_lr':>10} {'weight_decay':>12} {'init_std':>9}")
-        for name, param in model.module.named_parameters():
-            group = group_of[id(param)]
-            print(f"{name:<58} {'x'.join(map(str, param.shape)):<14} {group['max_lr'] * group['lr_mult']:>10.4g} "
-                  f"{config.optim.weight_decay * group['wd_mult']:>12.4g} {param.detach().float().std():>9.4g}")
-    runtime.shutdown()
+    for line in params.table(load_config(args.recipe, args.overrides)):
+        print(line)
     return 0
 
 
 def _plan(args) -> int:
-    from megatron_power import plan
-    from megatron_power.config import ConfigError, load_config
+    from megatron_power.config import load_config
+    from megatron_power.ops import plan
 
     config = load_config(args.recipe, args.overrides, args.gpus, check_paths=False)
     vocab = config.model.vocab_size
@@ -198,7 +170,7 @@ def _config(args) -> int:
 def _submit(args) -> int:
     from pathlib import Path
 
-    from megatron_power.submit import Submission, submit
+    from megatron_power.ops.submit import Submission, submit
 
     return submit(Submission(
         recipe=args.recipe, overrides=args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
@@ -212,7 +184,7 @@ def _submit(args) -> int:
 def _sweep(args) -> int:
     from pathlib import Path
 
-    from megatron_power import sweep
+    from megatron_power.science import sweep
 
     spec = sweep.load_spec(args.spec)
     if args.jobs:
@@ -224,9 +196,9 @@ def _sweep(args) -> int:
         print(f"wrote {results}")
         return _fit_when_complete(spec, grid, results)
     if args.slurm:
-        from megatron_power.submit import Submission, submit
+        from megatron_power.ops.submit import Submission, submit
 
-        todo = [p.index for p in grid if sweep.status(spec.dir / p.name) in ("pending", "started")]
+        todo = [p.index for p in grid if not sweep.status(spec.dir / p.name).done]
         if not todo:
             results = sweep.collect(spec, grid)
             print(f"every point of {spec.name} is done; wrote {results}")
@@ -248,7 +220,7 @@ def _sweep(args) -> int:
     for outcome in outcomes.values():
         counts[outcome.split(" ")[0]] = counts.get(outcome.split(" ")[0], 0) + 1
     print(f"{', '.join(f'{n} {k}' for k, n in sorted(counts.items())) or 'nothing to run'}; wrote {results}")
-    if counts.get("pending") or counts.get("started"):
+    if counts.get(sweep.Status.PENDING.value) or counts.get(sweep.Status.STARTED.value):
         print(f"interrupted: run `megatron-power sweep {args.spec}` again to continue where it stopped")
         return 130
     if counts.get("failed"):
@@ -258,38 +230,28 @@ def _sweep(args) -> int:
 
 def _fit_when_complete(spec, grid, results) -> int:
     """Once every point is done, `fit` on the table (where matplotlib is installed)."""
-    from megatron_power import fit, sweep
+    from megatron_power.science import fit, sweep
 
-    if any(sweep.status(spec.dir / p.name) not in ("finished", "diverged") for p in grid):
+    if not all(sweep.status(spec.dir / p.name).done for p in grid):
         return 0
     try:
         import matplotlib  # noqa: F401  (the figures need it; `make sweep` installs it)
     except ImportError:
         print(f"every point is done: `megatron-power fit {results}` fits and plots them (needs matplotlib)")
         return 0
-    try:
-        print("\n".join(fit.run(results, results.parent)))
-    except fit.FitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print("\n".join(fit.run(results, results.parent)))
     return 0
 
 
 def _fit(args) -> int:
     from pathlib import Path
 
-    from megatron_power import fit
+    from megatron_power.science import fit
 
     results = Path(args.results)
     if args.best_batches < 1:
-        print(f"error: --best-batches must be at least 1, got {args.best_batches}", file=sys.stderr)
-        return 2
-    try:
-        lines = fit.run(results, Path(args.out) if args.out else results.parent, args.best_batches)
-    except fit.FitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(lines))
+        raise ConfigError(f"--best-batches must be at least 1, got {args.best_batches}")
+    print("\n".join(fit.run(results, Path(args.out) if args.out else results.parent, args.best_batches)))
     return 0
 
 
@@ -299,24 +261,17 @@ def _convert(args) -> int:
     # Conversion reads and writes on the CPU in fp32 wherever it runs (a GPU would build a bf16
     # model, and --verify compares in fp32).
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from megatron_power.convert.granite import ConversionError
+    if args.direction == "to-hf":
+        from megatron_power.convert import to_hf
 
-    try:
-        if args.direction == "to-hf":
-            from megatron_power.convert import to_hf
+        if not args.max_shard_gb > 0:
+            raise ConfigError(f"--max-shard-gb {args.max_shard_gb:g} (expected a positive size in GiB)")
+        to_hf.convert(Path(args.ckpt), Path(args.out), args.dtype, args.verify, args.overwrite,
+                      Path(args.tokenizer) if args.tokenizer else None, int(args.max_shard_gb * 2**30))
+    else:
+        from megatron_power.convert import from_hf
 
-            if not args.max_shard_gb > 0:
-                raise ConversionError(f"--max-shard-gb {args.max_shard_gb:g} (expected a positive size in GiB)")
-
-            to_hf.convert(Path(args.ckpt), Path(args.out), args.dtype, args.verify, args.overwrite,
-                          Path(args.tokenizer) if args.tokenizer else None, int(args.max_shard_gb * 2**30))
-        else:
-            from megatron_power.convert import from_hf
-
-            from_hf.convert(Path(args.hf_dir), Path(args.out), args.recipe, args.overwrite)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        from_hf.convert(Path(args.hf_dir), Path(args.out), args.recipe, args.overwrite)
     print(f"wrote {args.out}")
     return 0
 
@@ -334,6 +289,19 @@ def _slurm_options(verb: argparse.ArgumentParser, gpus_per_node: int) -> None:
                       help="seconds before the time limit to checkpoint and requeue")
     verb.add_argument("--log-dir", default="logs")
     verb.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+
+
+def _recipe_fields() -> str:
+    """Every recipe key with its type, default and documentation, for `config --help`."""
+    import textwrap
+
+    from megatron_power.config.schema import field_docs
+
+    out = ["recipe keys (set in a recipe's YAML or as overrides, e.g. schedule.lr_max=0.01):"]
+    for key, kind, doc in field_docs():
+        out.append(f"  {key}  ({kind})")
+        out += textwrap.wrap(doc, 96, initial_indent="      ", subsequent_indent="      ") if doc else []
+    return "\n".join(out)
 
 
 def _recipe_verb(verbs, name: str, run, help: str) -> argparse.ArgumentParser:
@@ -443,13 +411,12 @@ def parser() -> argparse.ArgumentParser:
 
     config = _recipe_verb(verbs, "config", _config, "print a recipe with overrides applied, after validation")
     config.add_argument("--world-size", type=int, default=1)
+    config.formatter_class = argparse.RawDescriptionHelpFormatter
+    config.epilog = _recipe_fields()
     return p
 
 
 def main(argv=None) -> int:
-    from megatron_power.config import ConfigError
-    from tokenizer.sources import BadInput
-
     cli = parser()
     args, extra = cli.parse_known_args(argv)
     # Overrides may also follow the options (`coordcheck proxy --steps 3 model.num_layers=2`).
@@ -462,15 +429,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C during training, or one elsewhere
         print("interrupted", file=sys.stderr)
         return 130
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:
-        # Under torchrun every rank finds the same problem; one of them reports it.
-        if int(os.environ.get("RANK", "0")) == 0:
+    except UserError as e:
+        if not e.same_on_every_rank or int(os.environ.get("RANK", "0")) == 0:
             for line in str(e).splitlines():
                 print(f"error: {line}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_power import checkpoint, hardware, runtime
 from megatron_power.convert.to_hf import open_checkpoint, single_process
-from megatron_power.model import build_model
+from megatron_power.training import checkpoint, hardware, runtime
+from megatron_power.training.model import build_model
 
 SEQUENCES, LENGTH = 2, 64
 

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from conftest import BIN, ROOT, SMALL, TOKENS_PER_STEP, metrics, run_train, truncate
-from megatron_power import checkpoint
+from helpers import BIN, ROOT, SMALL, TOKENS_PER_STEP, metrics, run_train, truncate
+from megatron_power.errors import CheckpointError
+from megatron_power.training import checkpoint
 
 STEPS = 6
 OVERRIDES = SMALL + [f"train.tokens={STEPS * TOKENS_PER_STEP}", "checkpoint.interval=2", "checkpoint.keep=3"]
@@ -72,7 +73,7 @@ def test_no_intact_checkpoint_stops_rather_than_starting_over(finished, tmp_path
     ckpts = copy_run(finished, tmp_path) / "checkpoints"
     for step in (2, 4, 6):
         truncate(ckpts / f"iter_{step:07d}" / "common.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .* is intact"):
+    with pytest.raises(CheckpointError, match="no checkpoint in .* is intact"):
         checkpoint.newest(ckpts)
 
 

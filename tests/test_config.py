@@ -1,12 +1,14 @@
 """Bad recipes and overrides are refused with one clear line each, before any work starts."""
 
+import re
 import shutil
 import subprocess
 
 import pytest
 
-from conftest import BIN, ROOT, truncate
-from megatron_power.config import ConfigError, load_config, parse_count
+from helpers import BIN, ROOT, megatron_power, truncate
+from megatron_power.config import load_config, parse_count
+from megatron_power.errors import ConfigError
 
 BAD = [
     # (overrides, world size, what the message must say)
@@ -104,7 +106,7 @@ def test_unreadable_recipe_is_refused_in_one_line(tmp_path, text, message):
 
 
 def test_unreadable_sweep_spec_is_refused_in_one_line(tmp_path):
-    from megatron_power.sweep import load_spec
+    from megatron_power.science.sweep import load_spec
 
     spec = tmp_path / "bad.yaml"
     spec.write_text("name: x\ngrid: {a: [1, 2\n")
@@ -151,3 +153,18 @@ def test_bad_data_is_refused_before_a_run_folder_exists(default_data, tmp_path, 
     # One line per damaged file (a wrong tokenizer shows in both splits).
     assert errors and errors[0].startswith(f"error: {field}") and all(message in e for e in errors), result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_config_help_lists_every_recipe_key_with_its_documentation():
+    from dataclasses import asdict
+
+    from megatron_power.config import Config
+
+    def keys(node, prefix=""):
+        for k, v in node.items():
+            yield from keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+
+    text = megatron_power("config", "--help").stdout
+    listed = [line.split()[0] for line in text.splitlines() if re.match(r"  \S+  \(", line)]
+    assert listed == list(keys(asdict(Config())))
+    assert "schedule.reference_seq_length  (int = 4096)\n      The Power formula counts the batch in sequences" in text

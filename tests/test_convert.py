@@ -3,12 +3,11 @@ Granite / GraniteMoe directories that transformers loads and whose logits equal 
 way back is bit for bit; training continues from an imported model in another layout."""
 
 import json
-import subprocess
 
 import pytest
 import torch
 
-from conftest import BIN, ROOT, metrics, run_train
+from helpers import ROOT, megatron_power, metrics, run_train
 from megatron_power import cli
 
 STEPS = 6
@@ -28,11 +27,7 @@ DTYPES = {"tp2-dense": "fp32", "pp2-dense-sp-untied": "fp32", "ep2-moe": "bf16"}
 
 
 def convert(*args, check=True):
-    result = subprocess.run([str(BIN / "megatron-power"), "convert", *map(str, args)], cwd=ROOT,
-                            capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"convert {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
-    return result
+    return megatron_power("convert", *args, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from conftest import ROOT
+from helpers import ROOT
 from megatron_power import cli
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -127,7 +127,7 @@ def test_bad_paths_fail_before_any_work(tokenizer, tmp_path, capsys, monkeypatch
 def test_recipe_blend_samples_in_proportion(corpus, tokenizer, tmp_path):
     """A recipe's `data.train: [1, first, 3, second]` through Megatron's blended dataset builder."""
     from megatron_power.config import load_config
-    from megatron_power.data import TokenizerInfo, build_datasets
+    from megatron_power.training.data import TokenizerInfo, build_datasets
 
     files, _ = corpus
     first, second = tmp_path / "first", tmp_path / "second"
@@ -138,7 +138,7 @@ def test_recipe_blend_samples_in_proportion(corpus, tokenizer, tmp_path):
                                    f"out_dir={tmp_path}"])
     import torch.distributed as dist
 
-    from megatron_power.runtime import _free_port
+    from megatron_power.training.runtime import _free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
@@ -165,9 +165,9 @@ def test_stage_two_continues_the_stage_one_data_past_what_stage_one_read(default
     import torch.distributed as dist
 
     from megatron_power.config import load_config, parse_blend
-    from megatron_power.continued_dataset import dataset_key, samples_read
-    from megatron_power.data import TokenizerInfo, build_datasets
-    from megatron_power.runtime import _free_port
+    from megatron_power.training.continued_dataset import dataset_key, samples_read
+    from megatron_power.training.data import TokenizerInfo, build_datasets
+    from megatron_power.training.runtime import _free_port
 
     common = ["model.seq_length=128", "train.global_batch_size=16", "train.micro_batch_size=4",
               f"out_dir={tmp_path}"]

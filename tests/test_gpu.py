@@ -20,8 +20,9 @@ import sys
 import pytest
 import torch
 
-from conftest import BIN, GPU_ENV, GPUS, ROOT, SMALL, environment, metrics, run_train
-from megatron_power.coordcheck import slopes
+from conftest import GPU_ENV, GPUS
+from helpers import BIN, ROOT, SMALL, environment, metrics, run_train
+from megatron_power.science.coordcheck import slopes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="needs a CUDA GPU")]
 needs_te = pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,

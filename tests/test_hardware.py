@@ -6,11 +6,12 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import ROOT
-from megatron_power import hardware, plan
+from helpers import ROOT
 from megatron_power.config import load_config
-from megatron_power.hardware import Hardware
-from megatron_power.model import transformer_fields
+from megatron_power.ops import plan
+from megatron_power.training import hardware
+from megatron_power.training.hardware import Hardware
+from megatron_power.training.model import transformer_fields
 
 CPU = hardware.CPU
 GPU_ONLY = Hardware(cuda=True, transformer_engine=False, apex=False, fused_softmax=False,
@@ -85,8 +86,8 @@ def test_bridges_for_a_gpu_without_transformer_engine():
     # In a process of its own: the bridges change Megatron's modules for the rest of a process.
     script = textwrap.dedent("""
         import torch
-        from megatron_power import cpu_compat
-        from megatron_power.hardware import Hardware
+        from megatron_power.training import cpu_compat
+        from megatron_power.training.hardware import Hardware
         from megatron.core.transformer.moe import moe_utils
         current_device = torch.cuda.current_device
         cpu_compat.install(Hardware(cuda=True, transformer_engine=False, apex=False, fused_softmax=False))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, metrics
+from helpers import ROOT, metrics
 
 
 @pytest.mark.slow

@@ -5,11 +5,10 @@ Tolerance: 1e-3 absolute on losses of 6 to 9 nats. Routing is a discrete top-k c
 order can move a near-tie token to another expert; seen: agreement to about 1e-5.
 """
 
-import json
 
 import pytest
 
-from conftest import metrics, run_train
+from helpers import metrics, records, run_train
 
 STEPS = 10
 MOE = [
@@ -80,11 +79,6 @@ NOISE = [o for o in MOE if not o.startswith(("train.micro_batch_size", "train.to
     "train.micro_batch_size=2", f"train.tokens={NOISE_STEPS * 16 * 128}", "train.noise_scale_interval=1"]
 
 
-def noise_rows(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "trace" in r]
-
-
 @pytest.mark.slow
 def test_noise_scale_is_layout_independent_under_expert_parallelism(default_data, tmp_path):
     """Three layouts on the same global batches: EP=1 and EP=2, each with two data-parallel ranks,
@@ -102,10 +96,10 @@ def test_noise_scale_is_layout_independent_under_expert_parallelism(default_data
     for name, nproc, layout in [("ep1", 2, []), ("ep2", 2, ["parallel.ep=2"]),
                                 ("tp", 4, ["parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true"])]:
         run_train(tmp_path, name, NOISE + layout, nproc=nproc)
-    estimates = {name: {r["step"]: (r["grad_sq"], r["trace"]) for r in noise_rows(tmp_path / name)}
+    estimates = {name: {r["step"]: (r["grad_sq"], r["trace"]) for r in records(tmp_path / name, "trace")}
                  for name in ("ep2", "tp")}
     assert sorted(estimates["ep2"]) == list(range(1, NOISE_STEPS + 1))
     for step, expected in estimates["ep2"].items():
         assert estimates["tp"][step] == pytest.approx(expected, rel=1e-3), f"step {step}"
-    averaged = {name: noise_rows(tmp_path / name)[-1]["b_simple"] for name in ("ep1", "ep2")}
+    averaged = {name: records(tmp_path / name, "trace")[-1]["b_simple"] for name in ("ep1", "ep2")}
     assert averaged["ep2"] == pytest.approx(averaged["ep1"], rel=0.15), averaged

@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, ROOT
+from helpers import BIN, ROOT, megatron_power
 from megatron_power.config import load_config
-from megatron_power.coordcheck import slopes
+from megatron_power.science.coordcheck import slopes
 
 STEPS = 7
 COORD = ["model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
@@ -37,10 +37,7 @@ def test_coordinate_check_is_flat_under_mup_and_not_under_sp(default_data, tmp_p
 
 
 def _params(*overrides, nproc=1, with_std=False):
-    cmd = [str(BIN / "megatron-power")] if nproc == 1 else \
-        [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "megatron_power.cli"]
-    out = subprocess.run(cmd + ["params", "proxy", *overrides], cwd=ROOT, check=True, capture_output=True,
-                         text=True).stdout.splitlines()[1:]
+    out = megatron_power("params", "proxy", *overrides, nproc=nproc).stdout.splitlines()[1:]
     rows = [line.split() for line in out]
     return {cols[0]: (float(cols[2]), float(cols[3])) + ((float(cols[4]),) if with_std else ()) for cols in rows}
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from megatron_power.noise import NoiseScaleAverage, two_batch_estimates
+from megatron_power.training.probes.noise_scale import NoiseScaleAverage, two_batch_estimates
 
 
 def test_two_batch_estimator_matches_linear_regression_closed_form():

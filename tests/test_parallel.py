@@ -12,7 +12,6 @@ same global batches, so the only differences are floating-point reduction orders
 1e-4 absolute on losses of 6 to 9 nats (seen: agreement to about 1e-6).
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -21,9 +20,9 @@ import time
 import psutil
 import pytest
 
-from conftest import BIN, ROOT, SMALL, metrics, run_train
-from megatron_power import checkpoint
+from helpers import BIN, ROOT, SMALL, metrics, records, run_train
 from megatron_power.config import load_config
+from megatron_power.training import checkpoint
 
 STEPS = 10
 OVERRIDES = SMALL + ["model.seq_length=128", "train.global_batch_size=16", "train.micro_batch_size=4",
@@ -32,8 +31,7 @@ OVERRIDES = SMALL + ["model.seq_length=128", "train.global_batch_size=16", "trai
 
 
 def noise_estimates(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: (r["grad_sq"], r["trace"]) for r in rows if "trace" in r}
+    return {r["step"]: (r["grad_sq"], r["trace"]) for r in records(run_dir, "trace")}
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, ROOT
+from helpers import BIN, ROOT, megatron_power
 
 # Paper Table 4: (total, active non-embedding) parameters.
 TABLE4 = {
@@ -17,8 +17,7 @@ TABLE4 = {
 
 
 def _plan(recipe, *overrides):
-    out = subprocess.run([str(BIN / "megatron-power"), "plan", recipe, *overrides], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
+    out = megatron_power("plan", recipe, *overrides).stdout
     total, active = re.search(r"exactly\s+([\d,]+) total, ([\d,]+) active", out).groups()
     return int(total.replace(",", "")), int(active.replace(",", "")), out
 
@@ -72,8 +71,8 @@ def test_stage2_recipe_continues_its_stage1_model(stage1):
 
 
 def test_flops_per_token_count_causal_attention():
-    from megatron_power import plan
     from megatron_power.config import load_config
+    from megatron_power.ops import plan
 
     config = load_config("dense3b", check_paths=False)
     counts = plan.count_parameters(config, config.model.vocab_size)
@@ -90,7 +89,7 @@ def test_moe_values_follow_their_sources():
 
     from megatron_power.config import load_config
     from megatron_power.convert import granite
-    from megatron_power.scheduler import phase_tokens
+    from megatron_power.training.schedule import phase_tokens
 
     reference = GraniteMoeConfig().router_aux_loss_coef  # what IBM's GraniteMoe models assume
     for recipe in ("moe1b", "moe3b", "moe3b_stage2"):

@@ -9,8 +9,8 @@ import time
 import psutil
 import pytest
 
-from conftest import BIN, ROOT, SMALL, TOKENS_PER_STEP, metrics, run_train
-from megatron_power import checkpoint
+from helpers import BIN, ROOT, SMALL, TOKENS_PER_STEP, metrics, run_train
+from megatron_power.training import checkpoint
 
 STEPS = 24
 OVERRIDES = SMALL + [f"train.tokens={STEPS * TOKENS_PER_STEP}", "train.eval_interval=6"]

@@ -7,20 +7,13 @@ import time
 
 import pytest
 
-from conftest import BATCH, BIN, ROOT, SMALL, TOKENS_PER_STEP, run_train
+from helpers import BATCH, BIN, ROOT, SMALL, TOKENS_PER_STEP, records, run_train
 from megatron_power.config import load_config
-from megatron_power.scheduler import learning_rate
+from megatron_power.training.schedule import learning_rate
 
 TPS = TOKENS_PER_STEP
 # A small `a` puts the Power law below its cap, so the lr depends on tokens and batch size.
 POWER = ["schedule.a=0.32", "schedule.lr_max=0.01", "schedule.warmup=0"]
-
-
-def rows(run_dir):
-    import json
-
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if '"loss"' in line]
 
 
 def kill_after(cmd, log_dir, steps):
@@ -28,7 +21,7 @@ def kill_after(cmd, log_dir, steps):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if (log_dir / "metrics.jsonl").is_file() and len(rows(log_dir)) >= steps:
+        if (log_dir / "metrics.jsonl").is_file() and len(records(log_dir, "loss")) >= steps:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
@@ -46,7 +39,7 @@ def test_batch_size_change_at_resume_stays_on_the_token_schedule(default_data, t
 
     config = load_config("proxy", overrides, check_paths=False)
     seen = {}
-    for row in rows(tmp_path / "ramp"):
+    for row in records(tmp_path / "ramp", "loss"):
         seen[row["step"]] = row  # a resumed step overwrites its first attempt
     ordered = [seen[k] for k in sorted(seen)]
     assert ordered[-1]["tokens"] == budget  # ends exactly at the budget, in fewer, larger steps
@@ -76,15 +69,15 @@ def test_stage_two_starts_at_stage_one_lr_and_decays_to_zero(default_data, tmp_p
     s1 = load_config("proxy", stage1, check_paths=False)
     s2 = load_config("proxy", stage2, check_paths=False)
     reached = learning_rate(stage1_tokens, s1.schedule, stage1_tokens, TPS)  # where stage 1 left off
-    lrs = [r["lr"] for r in rows(tmp_path / "stage2")]
-    assert rows(tmp_path / "stage2")[0]["tokens"] == stage1_tokens + TPS  # continues the token count
+    lrs = [r["lr"] for r in records(tmp_path / "stage2", "loss")]
+    assert records(tmp_path / "stage2", "loss")[0]["tokens"] == stage1_tokens + TPS  # continues the token count
     assert lrs[0] == pytest.approx(reached, rel=1e-12)
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
     assert learning_rate(stage1_tokens + stage2_tokens, s2.schedule, s2.train.tokens, TPS) == 0.0
     # Stage 2 reads the stage-1 corpus past the samples stage 1 read (test_data_pipeline checks
     # that these are exactly the ones stage 1 did not read), and a resume of stage 2 keeps that.
-    from megatron_power.checkpoint import saved_state
-    from megatron_power.continued_dataset import dataset_key
+    from megatron_power.training.checkpoint import saved_state
+    from megatron_power.training.continued_dataset import dataset_key
 
     state = saved_state(tmp_path / "stage2" / "checkpoints" / "iter_0000012")["train_state"]
     assert state["samples_read_before"] == {dataset_key(s1.data.train[0]): 6 * BATCH}

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import slurm_cluster
 
-from conftest import BIN, ROOT, SMALL, metrics, run_train, write_spec
+from helpers import BIN, ROOT, SMALL, metrics, run_train, write_spec
 from megatron_power import cli
 
 STEPS = 120

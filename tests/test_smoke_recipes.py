@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from conftest import SMALL, metrics, run_train
+from helpers import SMALL, metrics, run_train
 
 # (recipe, processes): the MoE recipes keep expert parallelism (EP 8 -> 2). The stage-2 recipes
 # shrink to their stage-1 model; test_recipes checks that they load.

@@ -11,13 +11,13 @@ import time
 import numpy as np
 import pytest
 
-from conftest import BIN, ROOT, write_spec
-from megatron_power import fit
+from helpers import BIN, ROOT, command, write_spec
+from megatron_power.science import fit
 
 
 def sweep(*args, **popen):
-    return subprocess.Popen([str(BIN / "megatron-power"), "sweep", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(command("sweep", *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)
 
 
 @pytest.mark.slow
@@ -113,7 +113,7 @@ def test_a_fit_at_short_sequences_gives_the_scheduler_its_optima(tmp_path):
     from omegaconf import OmegaConf
 
     from megatron_power.config import load_config
-    from megatron_power.scheduler import learning_rate
+    from megatron_power.training.schedule import learning_rate
 
     rows = synthetic_rows(100.0, -0.51, noise=0.0, rng=np.random.default_rng(0), seq_length=128)
     path = tmp_path / "results.csv"
@@ -191,8 +191,9 @@ def test_transfer_shift_counts_grid_steps():
 def test_point_directory_of_another_config_is_refused(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from megatron_power import sweep
-    from megatron_power.config import ConfigError, to_yaml
+    from megatron_power.config import to_yaml
+    from megatron_power.errors import ConfigError
+    from megatron_power.science import sweep
 
     monkeypatch.chdir(tmp_path)  # the spec's relative out_dir lands here
     spec = sweep.load_spec(str(write_spec(tmp_path / "spec.yaml", "runs/sweeps", {"schedule.lr_max": [0.01, 0.02]})))

@@ -7,7 +7,7 @@ Files are streamed, never loaded whole (a `.txt` file is one document, so it is 
 
 Bad input (invalid UTF-8, a malformed JSON line, a missing or non-text field, an empty document
 or file) is counted by kind with its file and line, and either skipped or, with
-`on_error="stop"`, raised as BadInput naming the first one.
+`on_error="stop"`, raised as DataError naming the first one.
 """
 
 from __future__ import annotations
@@ -20,28 +20,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, List
 
+from megatron_power.errors import DataError
+
 FORMATS = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet", ".txt")
-
-
-class BadInput(ValueError):
-    """One line naming the file, the line and what was wrong."""
 
 
 def input_format(path: Path) -> str:
     for suffix in FORMATS:
         if path.name.endswith(suffix):
             return suffix
-    raise BadInput(f"{path}: unknown format (expected one of {', '.join(FORMATS)})")
+    raise DataError(f"{path}: unknown format (expected one of {', '.join(FORMATS)})")
 
 
 def check_inputs(paths: Iterable[Path]) -> List[Path]:
     """Every input exists and has a known format; raised before any work."""
     paths = [Path(p) for p in paths]
     if not paths:
-        raise BadInput("no input files given")
+        raise DataError("no input files given")
     for path in paths:
         if not path.is_file():
-            raise BadInput(f"{path}: no such file")
+            raise DataError(f"{path}: no such file")
         input_format(path)
     return paths
 
@@ -56,7 +54,7 @@ class Problems:
 
     def found(self, where: str, kind: str) -> None:
         if self.on_error == "stop":
-            raise BadInput(f"{where}: {kind} (pass --on-error skip to skip such documents)")
+            raise DataError(f"{where}: {kind} (pass --on-error skip to skip such documents)")
         self.counts[kind] += 1
         if len(self.examples) < 5:
             self.examples.append(f"{where}: {kind}")

@@ -9,7 +9,6 @@ exactly those a training run of any layout loads (`checkpoint.init_from=OUT`).
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -17,12 +16,13 @@ from typing import Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from megatron_power import checkpoint
-from megatron_power.config import ConfigError, load_config, model_differences, to_yaml
+from megatron_power.config import as_name, load_config, to_yaml
 from megatron_power.convert import granite
-from megatron_power.convert.granite import ConversionError
 from megatron_power.convert.output import check_writable, staged
 from megatron_power.convert.to_hf import HF_FILES_DIR, WEIGHT_SUFFIXES, single_process
+from megatron_power.errors import ConfigError, ConversionError
+from megatron_power.training import checkpoint
+from megatron_power.training.model import model_differences
 
 INDEX = "model.safetensors.index.json"
 # Tensors some Hugging Face checkpoints carry that are not weights.
@@ -100,7 +100,7 @@ def target_config(hf: dict, recipe: Optional[str], name: str):
 
 @torch.no_grad()
 def fill_model(model, weights: HFWeights, config, padded_vocab: int) -> None:
-    from megatron_power.model import local_part, sharded_tensors
+    from megatron_power.training.model import local_part, sharded_tensors
 
     entries = {e.megatron: e for e in granite.table(config.model)}
     cached = (None, None)
@@ -125,11 +125,11 @@ def fill_model(model, weights: HFWeights, config, padded_vocab: int) -> None:
 
 def convert(hf_dir: Path, out: Path, recipe: Optional[str] = None, overwrite: bool = False) -> Path:
     """Write a checkpoints directory (`latest` -> iter_0000000) holding the imported weights."""
-    from megatron_power import runtime
-    from megatron_power.model import build_model, padded_vocab_size
+    from megatron_power.training import runtime
+    from megatron_power.training.model import build_model, padded_vocab_size
 
     hf = read_hf_config(hf_dir)
-    config = target_config(hf, recipe, name=re.sub(r"[^A-Za-z0-9._-]", "-", hf_dir.resolve().name))
+    config = target_config(hf, recipe, name=as_name(hf_dir.resolve().name))
     check_writable(out, overwrite)
     weights = HFWeights(hf_dir)
     built = single_process(config)

@@ -21,11 +21,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_power import mup
-
-
-class ConversionError(ValueError):
-    """A checkpoint, Hugging Face directory or option that cannot be converted; one line."""
+from megatron_power.errors import ConversionError
+from megatron_power.training import mup
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from megatron_power.convert.granite import ConversionError
+from megatron_power.errors import ConversionError
 
 
 def check_writable(out: Path, overwrite: bool) -> None:

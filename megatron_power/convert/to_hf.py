@@ -17,12 +17,12 @@ from typing import Iterator, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from megatron_power import checkpoint
 from megatron_power.config import Config, ParallelConfig, PrecisionConfig, from_yaml
 from megatron_power.convert import granite, safetensors_shards
-from megatron_power.convert.granite import ConversionError
 from megatron_power.convert.output import check_writable, staged
 from megatron_power.convert.torch_dist import TorchDistCheckpoint
+from megatron_power.errors import CheckpointError, ConversionError
+from megatron_power.training import checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Largest relative logit difference `--verify` accepts. Both models hold the same (rounded)
@@ -48,7 +48,7 @@ def open_checkpoint(ckpt: Path, tokenizer: Optional[Path] = None) -> Source:
     try:
         path = checkpoint.resolve(ckpt)
         config = from_yaml(checkpoint.saved_state(path)["config"])
-    except checkpoint.CheckpointError as e:
+    except CheckpointError as e:
         raise ConversionError(str(e)) from None
     hf_files = path.parent / HF_FILES_DIR
     if tokenizer is None and hf_files.is_dir():
@@ -140,8 +140,8 @@ def logit_difference(source: Source, hf_dir: Path, dtype: torch.dtype, seq_len: 
     the largest logit difference relative to the largest logit."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_power import runtime
-    from megatron_power.model import build_model
+    from megatron_power.training import runtime
+    from megatron_power.training.model import build_model
 
     hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     seq_len = min(seq_len, source.config.model.seq_length)

@@ -22,8 +22,8 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron_power.checkpoint import short_file
-from megatron_power.convert.granite import ConversionError
+from megatron_power.errors import ConversionError
+from megatron_power.training.checkpoint import short_file
 
 # Bytes before a zip member's name in its local header, and where the name and extra-field
 # lengths sit in them (PKWARE APPNOTE 4.3.7).
@@ -47,9 +47,6 @@ class TorchDistCheckpoint:
 
     def shape(self, key: str) -> torch.Size:
         return self.tensors[key].size
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.tensors[key].properties.dtype
 
     def read(self, key: str, layer: Optional[int] = None, start: int = 0, stop: Optional[int] = None,
              meta: bool = False) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""Figures: the learning-rate schedule against tokens, and a sweep's fits (fit.py)."""
+"""Figures: the learning-rate schedule against tokens, and a sweep's fits (science/fit.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from megatron_power.scheduler import learning_rate, phase_tokens
+from megatron_power.config import format_count
+from megatron_power.training.schedule import learning_rate, phase_tokens
 
 
 def _pyplot():
@@ -46,11 +47,6 @@ def plot_schedule(config, path: str) -> None:
     _save(fig, path)
 
 
-def _tokens(n: int) -> str:
-    return next((f"{n / size:g}{unit}" for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
-                 if n >= size), str(n))
-
-
 def _lr_axis(ax, lrs) -> None:
     """A log lr axis labelled at the grid's own values."""
     ax.set_xscale("log")
@@ -76,7 +72,7 @@ def plot_lr_sweep(rows, optima, path, label: str) -> None:
                 if (o.tokens, o.batch) == (tokens, batch):
                     ax.plot(o.lr, o.loss, "*", color=f"C{i}", markersize=14, markeredgecolor="k")
         _lr_axis(ax, [r["lr"] for r in rows])
-        ax.set_title(f"T = {_tokens(tokens)} tokens")
+        ax.set_title(f"T = {format_count(tokens)} tokens")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("final validation loss")
     axes[0][-1].legend(fontsize=8)

@@ -37,8 +37,8 @@ def count_parameters(config, vocab_size: int) -> ParamCounts:
     The build is the CPU's (Megatron's local layers, which have the same parameters as Transformer
     Engine's) in a private single-process group, so that it allocates nothing on a GPU and can run
     inside a launched job before its own process group starts."""
-    from megatron_power import hardware, runtime
-    from megatron_power.model import build_model
+    from megatron_power.training import hardware, runtime
+    from megatron_power.training.model import build_model
 
     whole = replace(config, parallel=replace(config.parallel, tp=1, pp=1, ep=1, sequence_parallel=False))
     # Megatron's advice on kernels and recompute is for training; a build that only counts keeps quiet.

@@ -22,11 +22,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from megatron_power.errors import FitError
+from megatron_power.science.sweep import Status
+
 AXES = {"grid.train.tokens", "grid.train.global_batch_size", "grid.schedule.lr_max", "grid.width", "grid.mup.enabled"}
-
-
-class FitError(ValueError):
-    pass
 
 
 @dataclass
@@ -37,7 +36,7 @@ class Optimum:
     loss: float
     at_edge: bool  # the best lr is the smallest or largest of the grid: the true optimum may lie outside
     grid_index: int  # of the best grid point, in the sorted learning rates
-    beta: float  # the batch in reference-length sequences (scheduler.reference_batch)
+    beta: float  # the batch in reference-length sequences (training/schedule.reference_batch)
 
     @property
     def gamma(self) -> float:
@@ -111,7 +110,7 @@ def optima(rows: List[dict]) -> List[Optimum]:
     """The optimum of every (T, batch) group of one family."""
     groups: Dict[Tuple[int, int], List[dict]] = defaultdict(list)
     for row in rows:
-        if row["status"] in ("finished", "diverged"):
+        if Status(row["status"]).done:
             groups[(row["tokens"], row["batch"])].append(row)
     result = []
     for (tokens, batch), group in sorted(groups.items()):
@@ -218,10 +217,10 @@ def noise_scale_points(rows: List[dict], opts: List[Optimum]) -> List[Tuple[int,
 
 def run(results: Path, out: Path, count: int = 3) -> List[str]:
     """Every analysis the table supports, as report lines; figures and fit*.yaml written to `out`."""
-    from megatron_power import plots
+    from megatron_power.science import plots
 
     rows = read_results(results)
-    done = [r for r in rows if r["status"] in ("finished", "diverged")]
+    done = [r for r in rows if Status(r["status"]).done]
     if not done:
         raise FitError(f"{results}: no finished runs yet (statuses: {sorted({r['status'] for r in rows})})")
     out.mkdir(parents=True, exist_ok=True)

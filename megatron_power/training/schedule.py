@@ -156,7 +156,7 @@ class TokenScheduler:
 def schedule_table(config, token_counts: List[int]) -> List[str]:
     """One line per token count: the base lr and the lr of each parameter group."""
     batch_tokens, budget = config.tokens_per_step, config.train.tokens
-    from megatron_power.mup import group_base_lrs
+    from megatron_power.training.mup import group_base_lrs
 
     bases = group_base_lrs(config)
     lines = [f"{'tokens':>18}  {'lr':>10}  " + "  ".join(f"{name:>16}" for name in bases)]

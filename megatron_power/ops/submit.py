@@ -1,4 +1,4 @@
-"""`megatron-power submit`: render slurm/train.sbatch.j2 for a recipe, check it, call sbatch.
+"""`megatron-power submit`: render train.sbatch.j2 (beside this module) for a recipe, check it, call sbatch.
 
 Everything is checked before sbatch runs: the recipe with its overrides validated for a world of
 nodes x processes per node (parallel sizes must divide it), the planner's memory per GPU against
@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from megatron_power.config import ConfigError, load_config
+from megatron_power.config import load_config
+from megatron_power.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = ROOT / "slurm" / "train.sbatch.j2"
+ROOT = Path(__file__).resolve().parents[2]  # the repository: recipes, runs, logs
+TEMPLATE = Path(__file__).with_name("train.sbatch.j2")
 # SLURM's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 TIME_FORMAT = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")
 
@@ -80,7 +81,7 @@ def check(s: Submission) -> List[str]:
         return errors + [f"{line} (world size {s.nodes} nodes x {s.gpus_per_node} = {world})"
                          for line in str(e).splitlines()]
     if not s.cpu and config.model.vocab_size is not None:
-        from megatron_power import plan
+        from megatron_power.ops import plan
 
         problem = plan.fit_problem(config, config.model.vocab_size, world, s.gpu_memory)
         if problem:

@@ -24,6 +24,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_power.errors import CheckpointError
+
 # Megatron-Core is imported by the functions that save and load tensors; finding a checkpoint
 # and reading its saved state (all `convert to-hf` needs of this module) does without it.
 
@@ -31,10 +33,6 @@ LATEST = "latest"
 # Optimizer state in the canonical per-parameter form, so a checkpoint can be loaded into a
 # different TP / PP / DP layout.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def _core(model):

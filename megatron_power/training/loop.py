@@ -3,43 +3,31 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer import optimizer as megatron_optimizer
-from megatron.core.pipeline_parallel import get_forward_backward_func
-
-from megatron_power import checkpoint, hardware, mup, plan, run_lock, runtime
-from megatron_power.config import (
+from megatron_power.config.schema import (
     FINISHED,
     Config,
-    ConfigError,
     from_yaml,
-    model_differences,
     model_vocab_size,
     parse_blend,
     to_yaml,
     world_size_from_env,
 )
-from megatron_power.continued_dataset import reordered, samples_read
-from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
-from megatron_power.expert_load import ExpertLoad
-from megatron_power.metrics import MetricsLogger
-from megatron_power.model import build_model
-from megatron_power.noise import FirstMicrobatchProbe, NoiseScaleAverage
-from megatron_power.scheduler import TokenScheduler, phase_tokens, power_law_note
-from megatron_power.signals import StopRequest
-
-
-class NonFiniteError(RuntimeError):
-    pass
+from megatron_power.errors import CheckpointError, ConfigError, NonFiniteError
+from megatron_power.ops import plan
+from megatron_power.training import checkpoint, hardware, run_lock, runtime
+from megatron_power.training.continued_dataset import reordered, samples_read
+from megatron_power.training.data import TokenizerInfo, build_datasets, micro_batches
+from megatron_power.training.metrics import MetricsLogger
+from megatron_power.training.model import build_model, model_differences
+from megatron_power.training.optim import build_optimizer, wrap_model
+from megatron_power.training.probes.expert_load import ExpertLoad
+from megatron_power.training.probes.noise_scale import FirstMicrobatchProbe, NoiseScaleAverage
+from megatron_power.training.schedule import TokenScheduler, phase_tokens, power_law_note
+from megatron_power.training.signals import StopRequest
+from megatron_power.training.step import evaluate, train_step
 
 
 @dataclass
@@ -56,97 +44,7 @@ class TrainState:
     samples_read_before: dict = field(default_factory=dict)
 
 
-def build_optimizer(config: Config, model):
-    hw = hardware.detect()
-    optimizer_config = OptimizerConfig(
-        optimizer="adam",
-        lr=config.schedule.lr_max,
-        min_lr=config.schedule.min_lr,
-        weight_decay=config.optim.weight_decay,
-        adam_beta1=config.optim.beta1,
-        adam_beta2=config.optim.beta2,
-        adam_eps=config.optim.eps,
-        clip_grad=config.train.clip_grad,
-        bf16=hw.bf16,
-        params_dtype=hw.dtype,
-        use_distributed_optimizer=config.parallel.distributed_optimizer,
-    )
-    return get_megatron_optimizer(optimizer_config, [model],
-                                  config_overrides=mup.optimizer_overrides(config, optimizer_config))
 
-
-def wrap_model(config: Config, model):
-    """Megatron's DDP (and, for bf16, its Float16Module) around the GPTModel."""
-    tconfig = model.config
-    if tconfig.bf16:
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(tconfig, model)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        use_distributed_optimizer=config.parallel.distributed_optimizer,
-    )
-    ddp = DistributedDataParallel(tconfig, ddp_config, model)
-    tconfig.finalize_model_grads_func = finalize_model_grads
-    return ddp
-
-
-def forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    device = next(model.parameters()).device
-    per_token_loss = model(
-        batch["tokens"].to(device), batch["position_ids"].to(device), None,
-        labels=batch["labels"].to(device),
-    )
-    return per_token_loss, partial(_masked_mean, batch["loss_mask"].to(device))
-
-
-def run_microbatches(config: Config, model, batches, forward_only: bool, step_func=forward_step):
-    """One global batch through Megatron's schedule for this layout; the last stage gets the losses."""
-    return get_forward_backward_func()(
-        forward_step_func=step_func, data_iterator=iter(batches), model=[model],
-        num_microbatches=len(batches), seq_length=config.model.seq_length,
-        micro_batch_size=config.train.micro_batch_size, forward_only=forward_only)
-
-
-def _masked_mean(loss_mask, per_token_loss):
-    mask = loss_mask.view(-1).float()
-    loss = torch.sum(per_token_loss.float().view(-1) * mask) / mask.sum()
-    # A copy: the schedule divides the returned loss by the number of micro-batches in place.
-    return loss, {"lm loss": loss.detach().clone()}
-
-
-def _global_mean_loss(losses, rt: runtime.Runtime, stop: bool = False):
-    """The loss averaged over micro-batches and data-parallel ranks, known to every rank.
-
-    One all-reduce also carries the stop request, so that every rank stops at the same step.
-    """
-    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    if rt.is_last_stage and ps.get_tensor_model_parallel_rank() == 0 and losses:
-        totals[0] = sum(float(x["lm loss"]) for x in losses) / len(losses)
-        totals[1] = 1.0
-    totals[2] = float(stop)
-    dist.all_reduce(totals)
-    return float(totals[0] / totals[1]), bool(totals[2] > 0)
-
-
-def _update(optimizer, clip_grad: float, probe: FirstMicrobatchProbe = None) -> float:
-    """Megatron's ChainedOptimizer.step(), with one addition: a non-finite grad norm (or a
-    mixed-precision overflow) skips the update. Returns the grad norm."""
-    if optimizer.prepare_grads():
-        return math.inf
-    if probe is not None:
-        probe.read_global_batch(optimizer)
-    grad_norm = optimizer.get_grad_norm()
-    if not math.isfinite(grad_norm):
-        return grad_norm
-    if clip_grad > 0:
-        for chained in optimizer.chained_optimizers:
-            params = chained.get_parameters()
-            if params and not getattr(chained, "is_stub_optimizer", False):
-                megatron_optimizer.clip_grad_by_total_norm_fp32(params, clip_grad, grad_norm)
-    optimizer.step_with_ready_grads()
-    return grad_norm
 
 
 def _track_router(config: Config, step: int, num_microbatches: int, writer, expert_load: ExpertLoad) -> None:
@@ -172,19 +70,6 @@ def _track_noise_scale(state: TrainState, probe: FirstMicrobatchProbe, log: Metr
 NOISE_SCALE_DECAY = 0.9  # per measurement; the estimate averages roughly the last ten
 
 
-def evaluate(config: Config, model, dataset, rt: runtime.Runtime) -> float:
-    model.eval()
-    t = config.train
-    losses = []
-    with torch.no_grad():
-        for k in range(t.eval_batches):
-            batches = micro_batches(dataset, k * t.global_batch_size, t.global_batch_size,
-                                    t.micro_batch_size, rt.dp, rt.dp_rank)
-            losses.append(_global_mean_loss(run_microbatches(config, model, batches, True), rt)[0])
-    model.train()
-    return sum(losses) / len(losses)
-
-
 def _restore(config: Config, model, optimizer, vocab_size: int):
     """Resume this run from its newest intact checkpoint; else start from checkpoint.init_from
     (stage 2: a stage-1 run, with its optimizer and tokens seen; stage 1: weights only); else
@@ -206,7 +91,7 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
         optimizer.reload_model_params()  # the optimizer's main copies of the weights
         return TrainState(), [f"starting {config.name} from the weights of {source}"]
     if "train_state" not in saved:
-        raise checkpoint.CheckpointError(
+        raise CheckpointError(
             f"{source} holds weights only (no training progress); stage 2 needs a stage-1 training "
             f"checkpoint (use train.stage=1 to start from these weights)")
     state = TrainState(**checkpoint.load(source, model, optimizer)["train_state"])
@@ -227,7 +112,7 @@ def _check_same_model(source: str, saved: Config, config: Config, vocab_size: in
     if saved_vocab is not None and saved_vocab != vocab_size:
         problems.append(f"vocabulary: expected {vocab_size}, found {saved_vocab}")
     if problems:
-        raise checkpoint.CheckpointError(f"{source} holds a different model than this recipe: " + "; ".join(problems))
+        raise CheckpointError(f"{source} holds a different model than this recipe: " + "; ".join(problems))
 
 
 def train(config: Config, stop: StopRequest = None) -> TrainState:
@@ -281,32 +166,26 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
         lr = scheduler.step(state.consumed_tokens, config.tokens_per_step)
         batches = micro_batches(train_data, state.consumed_samples, t.global_batch_size,
                                 t.micro_batch_size, rt.dp, rt.dp_rank)
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
         measure = probe is not None and (state.step + 1) % t.noise_scale_interval == 0
-        losses = run_microbatches(config, model, batches, forward_only=False,
-                                  step_func=probe.wrap(forward_step) if measure else forward_step)
-        loss, stop_now = _global_mean_loss(losses, rt, stop.requested)
-        grad_norm = _update(optimizer, t.clip_grad, probe if measure else None) if math.isfinite(loss) else math.nan
+        result = train_step(config, model, optimizer, batches, rt, stop.requested, probe if measure else None)
 
         state.step += 1
         state.consumed_samples += t.global_batch_size
         state.consumed_tokens += config.tokens_per_step
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
+        if result.finite:
             state.consecutive_nonfinite = 0
         else:
             state.skipped_steps += 1
             state.consecutive_nonfinite += 1
-            log.info(f"step {state.step}: non-finite loss {loss} / grad norm {grad_norm}; update skipped "
-                     f"({state.consecutive_nonfinite} in a row, {state.skipped_steps} in all)")
+            log.info(f"step {state.step}: non-finite loss {result.loss} / grad norm {result.grad_norm}; update "
+                     f"skipped ({state.consecutive_nonfinite} in a row, {state.skipped_steps} in all)")
             if state.consecutive_nonfinite >= t.max_nonfinite_steps:
                 raise NonFiniteError(
                     f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or grad norm "
                     f"(last at step {state.step}); stopping. The last good checkpoint is "
                     f"{checkpoint.latest(ckpt_dir) or 'none (no checkpoint was saved yet)'}")
-        log.step(state.step, state.consumed_tokens, loss, lr, grad_norm, state.skipped_steps)
-        if measure and finite:
+        log.step(state.step, state.consumed_tokens, result.loss, lr, result.grad_norm, state.skipped_steps)
+        if measure and result.finite:
             _track_noise_scale(state, probe, log)
         if expert_load is not None:
             _track_router(config, state.step, len(batches), log.writer, expert_load)
@@ -315,9 +194,9 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
         if state.step % t.eval_interval == 0 or last:
             log.validation(state.step, state.consumed_tokens, evaluate(config, model, valid_data, rt))
         # A skipped step changed nothing worth saving; the last good checkpoint stays the latest.
-        if (finite and (state.step % config.checkpoint.interval == 0 or last)) or stop_now:
+        if (result.finite and (state.step % config.checkpoint.interval == 0 or last)) or result.stop:
             save()
-        if stop_now and not last:
+        if result.stop and not last:
             saved = "checkpoint saved" if config.checkpoint.save else "nothing saved (checkpoint.save=false)"
             log.info(f"stop requested: {saved} at step {state.step}; exiting")
             break

@@ -16,22 +16,18 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from megatron_power import runtime
-from megatron_power.data import TokenizerInfo, build_datasets, micro_batches
-from megatron_power.model import build_model
-from megatron_power.scheduler import TokenScheduler
-from megatron_power.train import build_optimizer, run_microbatches, wrap_model
-
-HEAD_DIM = 64
+from megatron_power.training import runtime
+from megatron_power.training.data import TokenizerInfo, build_datasets, micro_batches
+from megatron_power.training.model import build_model
+from megatron_power.training.optim import build_optimizer, wrap_model
+from megatron_power.training.schedule import TokenScheduler
+from megatron_power.training.step import train_step
 
 
 def at_width(config, width: int, mup_enabled: bool):
-    """The recipe at another width: heads of HEAD_DIM, the recipe's MLP ratio, muP on or off, and
-    the schedule's peak lr from the first step (a coordinate check measures updates at full lr)."""
-    m = config.model
-    model = replace(m, hidden_size=width, num_attention_heads=max(1, width // HEAD_DIM),
-                    num_query_groups=None, ffn_hidden_size=width * m.ffn_hidden_size // m.hidden_size)
-    return replace(config, model=model, mup=replace(config.mup, enabled=mup_enabled),
+    """The recipe at another width (ModelConfig.at_width), muP on or off, and the schedule's peak lr
+    from the first step (a coordinate check measures updates at full lr)."""
+    return replace(config, model=config.model.at_width(width), mup=replace(config.mup, enabled=mup_enabled),
                    schedule=replace(config.schedule, warmup=0.0, decay=0.0))
 
 
@@ -78,10 +74,7 @@ def run(config, widths: List[int], steps: int) -> List[dict]:
                 scheduler.step(step * c.tokens_per_step, c.tokens_per_step)
                 batches = micro_batches(train_data, step * t.global_batch_size, t.global_batch_size,
                                         t.micro_batch_size, rt.dp, rt.dp_rank)
-                model.zero_grad_buffer()
-                optimizer.zero_grad()
-                run_microbatches(c, model, batches, forward_only=False)
-                optimizer.step()
+                train_step(c, model, optimizer, batches, rt)
                 for handle in handles:
                     handle.remove()
                 rows += [{"param": "muP" if mup_enabled else "SP", "width": width, "step": step,

@@ -22,17 +22,27 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megatron_power.config import FINISHED, RECIPES_DIR, ConfigError, load_config, load_yaml, omegaconf_message, to_yaml
+from megatron_power.config import (
+    FINISHED,
+    NAME_PATTERN,
+    RECIPES_DIR,
+    as_name,
+    load_config,
+    load_yaml,
+    omegaconf_message,
+    to_yaml,
+)
+from megatron_power.errors import ConfigError, NonFiniteError
 
 SPECS_DIR = RECIPES_DIR / "sweeps"
 DIVERGED = "diverged.json"  # written here when a point stops on non-finite losses (train's exit code 3)
-EXIT_NONFINITE = 3
 # Short names for the usual axes in point names; other keys use their last component.
 ABBREVIATIONS = {"schedule.lr_max": "lr", "train.global_batch_size": "bs", "train.tokens": "T",
                  "mup.enabled": "mup", "width": "w"}
@@ -87,7 +97,7 @@ def load_spec(spec: str) -> SweepSpec:
                 for k, v in s.grid.items() if not isinstance(v, list) or not v]
     if not s.grid:
         problems.append("grid is empty (expected e.g. schedule.lr_max: [0.005, 0.01, 0.02])")
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", s.name):
+    if not NAME_PATTERN.fullmatch(s.name):
         problems.append(f"name '{s.name}' must be letters, digits, '.', '_' or '-' (it names the sweep directory)")
     if s.threads < 1 or (s.jobs is not None and s.jobs < 1):
         problems.append(f"jobs and threads must be at least 1, got jobs={s.jobs} threads={s.threads}")
@@ -106,15 +116,12 @@ def _format(value) -> str:
 
 def _width_overrides(spec: SweepSpec, width: int) -> List[str]:
     """Hidden size `width` with the base recipe's head size and MLP ratio."""
-    base = load_config(spec.recipe, spec.overrides, check_paths=False).model
-    head = base.hidden_size // base.num_attention_heads
-    if width % head:
-        raise ConfigError(f"grid.width: {width} is not a multiple of the recipe's head size {head}")
-    heads = width // head
-    groups = max(1, heads * (base.num_query_groups or base.num_attention_heads) // base.num_attention_heads)
-    ffn = round(base.ffn_hidden_size * width / base.hidden_size)
-    return [f"model.hidden_size={width}", f"model.num_attention_heads={heads}",
-            f"model.num_query_groups={groups}", f"model.ffn_hidden_size={ffn}"]
+    try:
+        m = load_config(spec.recipe, spec.overrides, check_paths=False).model.at_width(width)
+    except ConfigError as e:
+        raise ConfigError(f"grid.width: {e}") from None
+    return [f"model.{name}={getattr(m, name)}"
+            for name in ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")]
 
 
 def points(spec: SweepSpec) -> List[Point]:
@@ -141,7 +148,7 @@ def points(spec: SweepSpec) -> List[Point]:
                                   f"batch size; {batch} does not divide it")
             overrides.append(f"train.eval_batches={spec.eval_sequences // batch}")
         name = "_".join(f"{ABBREVIATIONS.get(k, k.split('.')[-1])}{_format(v)}" for k, v in values.items())
-        result.append(Point(index, re.sub(r"[^A-Za-z0-9._-]", "-", name), values, overrides))
+        result.append(Point(index, as_name(name), values, overrides))
     return result
 
 
@@ -188,12 +195,25 @@ def check(spec: SweepSpec, world_size: int = 1, check_paths: bool = True) -> Lis
     return grid
 
 
-def status(run_dir: Path) -> str:
+class Status(str, Enum):
+    """Where a point's run stands, read from its run directory."""
+
+    PENDING = "pending"
+    STARTED = "started"  # interrupted: a rerun resumes it from its checkpoint
+    FINISHED = "finished"
+    DIVERGED = "diverged"  # stopped on non-finite losses: not retried, worse than any finite loss
+
+    @property
+    def done(self) -> bool:
+        return self in (Status.FINISHED, Status.DIVERGED)
+
+
+def status(run_dir: Path) -> Status:
     if (run_dir / FINISHED).is_file():
-        return "finished"
+        return Status.FINISHED
     if (run_dir / DIVERGED).is_file():
-        return "diverged"
-    return "started" if (run_dir / "config.yaml").is_file() else "pending"
+        return Status.DIVERGED
+    return Status.STARTED if (run_dir / "config.yaml").is_file() else Status.PENDING
 
 
 class LocalRunner:
@@ -216,7 +236,7 @@ class LocalRunner:
 
     def _run(self, point: Point) -> str:
         if self.stopping:
-            return "pending"
+            return Status.PENDING.value
         run_dir = self.spec.dir / point.name
         run_dir.mkdir(parents=True, exist_ok=True)
         with self.lock:
@@ -240,9 +260,10 @@ class LocalRunner:
             with self.lock:
                 self.running.pop(point.index, None)
                 self.free_slots.append(slot)
-        if rc == EXIT_NONFINITE:
+        if rc == NonFiniteError.exit_code:
             (run_dir / DIVERGED).write_text(json.dumps({"exit_code": rc}))
-        return status(run_dir) if rc in (0, EXIT_NONFINITE) else f"failed (exit {rc}, see {run_dir}/train.log)"
+        return status(run_dir).value if rc in (0, NonFiniteError.exit_code) else \
+            f"failed (exit {rc}, see {run_dir}/train.log)"
 
     def run(self, todo: List[Point]) -> Dict[str, str]:
         from tqdm import tqdm
@@ -278,14 +299,14 @@ def collect(spec: SweepSpec, grid: List[Point]) -> Path:
         metrics_file = config.run_dir / "metrics.jsonl"
         metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
         state = status(config.run_dir)
-        valid = _last(metrics, "valid_loss") if state == "finished" else None
+        valid = _last(metrics, "valid_loss") if state == Status.FINISHED else None
         rows.append({
-            "point": point.name, "status": state,
+            "point": point.name, "status": state.value,
             "tokens": config.train.tokens, "batch": config.train.global_batch_size, "lr": config.schedule.lr_max,
             "width": config.model.hidden_size, "mup": config.mup.enabled, "seq_length": config.model.seq_length,
             "reference_seq_length": config.schedule.reference_seq_length,
             **{f"grid.{k}": v for k, v in point.values.items()},
-            "valid_loss": math.inf if state == "diverged" else valid,
+            "valid_loss": math.inf if state == Status.DIVERGED else valid,
             "train_loss": _last(metrics, "loss"), "b_simple": _last(metrics, "b_simple"),
             "steps": _last(metrics, "step"),
         })
@@ -304,7 +325,7 @@ def run_local(spec: SweepSpec, grid: List[Point], cpu_only: bool = False) -> Dic
 
     gpus = 0 if cpu_only or not torch.cuda.is_available() else torch.cuda.device_count()
     jobs = spec.jobs or gpus or max(1, (os.cpu_count() or 1) // spec.threads)
-    todo = [p for p in grid if status(spec.dir / p.name) in ("pending", "started")]
+    todo = [p for p in grid if not status(spec.dir / p.name).done]
     print(f"sweep {spec.name}: {len(grid)} points, {len(grid) - len(todo)} done, {len(todo)} to run, "
           f"{jobs} at a time ({spec.threads} thread(s) each{f', {gpus} GPU(s)' if gpus else ''}); runs in {spec.dir}")
     return LocalRunner(spec, jobs, spec.threads, gpus).run(todo)

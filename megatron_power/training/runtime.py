@@ -9,12 +9,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from megatron_power import hardware
-from megatron_power.hardware import Hardware
-
-
-class DeviceError(RuntimeError):
-    """This process has no device of its own to run on (a launch with more processes than GPUs)."""
+from megatron_power.errors import DeviceError
+from megatron_power.training import hardware
+from megatron_power.training.hardware import Hardware
 
 
 @dataclass
@@ -43,7 +40,7 @@ def initialize(config, hw: Hardware = None, alone: bool = False) -> Runtime:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from megatron_power import cpu_compat
+    from megatron_power.training import cpu_compat
 
     hw = hw or hardware.detect()
     cpu_compat.install(hardware.detect())  # bridges for what this machine lacks, whatever `hw` plans

@@ -15,7 +15,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from megatron_power.config import DEFAULT_DATA_DIR
+from megatron_power.config.schema import DEFAULT_DATA_DIR
 from tokenizer import corpus, preprocess
 from tokenizer import spm as spm_train
 
@@ -144,8 +144,8 @@ def build_datasets(config, tokenizer: TokenizerInfo, samples_read_before: Option
     training dataset starts after the samples of it that earlier stages read (continued_dataset)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 
-    from megatron_power.config import parse_blend
-    from megatron_power.continued_dataset import ContinuedDatasetConfig, ContinuedGPTDataset
+    from megatron_power.config.schema import parse_blend
+    from megatron_power.training.continued_dataset import ContinuedDatasetConfig, ContinuedGPTDataset
 
     seq = config.model.seq_length
     # Samples are counted generously so that a run whose batch size changes at a resume still

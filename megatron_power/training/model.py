@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import List
 
 import torch
 from megatron.core import parallel_state as ps
@@ -12,9 +13,10 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_power import hardware, mup
-from megatron_power.hardware import Hardware
-from megatron_power.norm import RMSNorm
+from megatron_power.config.schema import Config
+from megatron_power.training import hardware, mup
+from megatron_power.training.hardware import Hardware
+from megatron_power.training.norm import RMSNorm
 
 VOCAB_PAD_MULTIPLE = 128  # as Megatron-LM's --make-vocab-size-divisible-by
 
@@ -194,3 +196,29 @@ def initialize_weights(model: GPTModel, config) -> None:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{sh.key}@{index}".encode()))
         full = torch.randn(sh.global_shape[whole:], generator=generator, dtype=torch.float32) * std
         sh.data.copy_(local_part(sh, full, skip_axes=whole))
+
+
+# What a model's weights and its function depend on (not seq_length, init, aux-loss weight).
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                "tie_embeddings", "rotary_base", "norm_epsilon", "num_experts", "moe_topk", "moe_ffn_hidden_size")
+
+
+def model_differences(expected: Config, found: Config) -> List[str]:
+    """'field: expected X, found Y' for every shape field or muP multiplier in which two configs'
+    models differ; empty when the same weights compute the same function in both."""
+    def shape(c: Config) -> dict:
+        m = c.model
+        values = {f"model.{f}": getattr(m, f) for f in SHAPE_FIELDS}
+        values["model.num_query_groups"] = m.num_query_groups or m.num_attention_heads
+        if m.num_experts:
+            del values["model.ffn_hidden_size"]  # unused by MoE layers
+        else:
+            for f in ("moe_topk", "moe_ffn_hidden_size"):
+                del values[f"model.{f}"]
+        values.update({"muP width multiplier": mup.width_mult(c), "muP embedding multiplier": mup.emb_mult(c),
+                       "muP residual multiplier": mup.residual_mult(c), "attention scale": mup.softmax_scale(c)})
+        return values
+
+    a, b = shape(expected), shape(found)
+    return [f"{k}: expected {a[k]}, found {b.get(k)}" for k in a if a[k] != b.get(k) and not
+            (isinstance(a[k], float) and isinstance(b.get(k), float) and abs(a[k] - b[k]) <= 1e-9 * abs(a[k]))]

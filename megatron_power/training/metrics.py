@@ -9,12 +9,7 @@ import time
 
 import torch
 
-
-def _human(n: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:.0f}"
+from megatron_power.config.schema import format_count
 
 
 def _duration(seconds: float) -> str:
@@ -98,8 +93,8 @@ class MetricsLogger:
         tokens_per_s = steps * self.config.tokens_per_step / max(now - self.window_time, 1e-9)
         w.add_scalar("throughput/tokens_per_s", tokens_per_s, step)
         per_step = (now - self.start_time) / max(step - self.start_step, 1)
-        print(f"step {step}/{total} | tokens {_human(tokens)} | loss {loss:.4f} | lr {lr:.3e} | "
-              f"grad {grad_norm:.3f} | {_human(tokens_per_s)} tok/s | "
+        print(f"step {step}/{total} | tokens {format_count(tokens, '.2f')} | loss {loss:.4f} | lr {lr:.3e} | "
+              f"grad {grad_norm:.3f} | {format_count(tokens_per_s, '.2f')} tok/s | "
               f"elapsed {_duration(now - self.start_time)} | eta {_duration(per_step * (total - step))}",
               flush=True)
         self.window_time, self.window_step = now, step

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_power.config import ConfigError
+from megatron_power.errors import ConfigError
 
 LOCK = ".lock"
 _held = []  # the open lock file, kept for the life of the process

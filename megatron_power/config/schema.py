@@ -1,0 +1,303 @@
+"""The recipe schema: one dataclass per section, every field with its default and a comment on
+where the value comes from; count and blend fields parsed; configs to and from YAML."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from omegaconf import OmegaConf
+
+from megatron_power.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+# Where `megatron-power data` (and `make data`) builds the default corpus: inside the repository,
+# so that a run started from any folder finds it.
+DEFAULT_DATA_DIR = RECIPES_DIR.parent / "data" / "stdlib"
+
+
+FINISHED = "finished.json"  # in a run directory once the run has reached its token budget
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: as many as heads (no GQA)
+    ffn_hidden_size: int = 1024
+    seq_length: int = 256
+    # None: the tokenizer's. Larger than the tokenizer's keeps a model's published shape (the
+    # paper's 49152) while it trains on a smaller tokenizer.
+    vocab_size: Optional[int] = None
+    rotary_base: int = 10000
+    tie_embeddings: bool = True
+    norm_epsilon: float = 1e-6
+    init_std: float = 0.02
+    # Mixture of experts as GraniteMoe defines it: top-k of the router logits, softmax over the
+    # chosen k, load-balancing aux loss, dropless, no biases. None: a dense model.
+    num_experts: Optional[int] = None
+    moe_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None  # per expert
+    moe_aux_loss_coeff: float = 0.001  # GraniteMoe's router_aux_loss_coef (Hugging Face's default)
+
+    def at_width(self, width: int) -> "ModelConfig":
+        """This model at hidden size `width` with its head size, query-group ratio and MLP ratio: how
+        a muP sweep or coordinate check varies width."""
+        head = self.hidden_size // self.num_attention_heads
+        if width <= 0 or width % head:
+            raise ConfigError(f"width {width} is not a positive multiple of the recipe's head size {head}")
+        heads = width // head
+        groups = max(1, heads * (self.num_query_groups or self.num_attention_heads) // self.num_attention_heads)
+        return replace(self, hidden_size=width, num_attention_heads=heads, num_query_groups=groups,
+                       ffn_hidden_size=round(self.ffn_hidden_size * width / self.hidden_size))
+
+
+@dataclass
+class MupConfig:
+    """muP (see training/mup.py); off gives standard parametrization for comparison."""
+
+    enabled: bool = False
+    base_width: Optional[int] = None  # d_base; m_width = hidden_size / base_width
+    width_mult: Optional[float] = None  # or m_width directly
+    emb_mult: float = 12.0
+    residual_mult: float = 0.22
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1  # expert parallelism (MoE); experts are also split over TP
+    sequence_parallel: bool = False  # required with TP for MoE
+    distributed_optimizer: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    """GPU settings (CPU runs in fp32 with the local spec and ignores fp8)."""
+
+    fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine layers only)
+    fp8_recipe: str = "tensorwise"  # tensorwise | delayed | blockwise | mxfp8
+    fp8_bf16_first_last: bool = True  # keep the first and last layer in bf16
+    recompute: str = "none"  # none | selective (attention scores) | full (each layer)
+
+
+@dataclass
+class DataConfig:
+    # Blends: [weight, path prefix, weight, path prefix, ...] as Megatron-LM writes them,
+    # or just [path prefix].
+    train: List[str] = field(default_factory=lambda: [str(DEFAULT_DATA_DIR / "train")])
+    valid: List[str] = field(default_factory=lambda: [str(DEFAULT_DATA_DIR / "valid")])
+    tokenizer: str = str(DEFAULT_DATA_DIR / "tokenizer.model")
+    cache_dir: Optional[str] = None  # Megatron's index cache; default: <run dir>/data_cache
+
+
+@dataclass
+class TrainConfig:
+    # Token budget, counted from the start of stage 1: a stage-2 run's budget includes stage 1's.
+    tokens: int = 20_000_000
+    stage: int = 1  # 2: continue from checkpoint.init_from (a stage-1 run) on its own data blend
+    global_batch_size: int = 32  # sequences
+    micro_batch_size: int = 8
+    seed: int = 1234
+    clip_grad: float = 1.0  # Megatron-LM's default; the paper gives none
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 4
+    max_nonfinite_steps: int = 3  # consecutive NaN/Inf steps that stop the run
+    # Steps between measurements of the gradient noise scale B_simple (training/probes/noise_scale.py); 0: off.
+    noise_scale_interval: int = 0
+    # On GPUs, refuse a layout that the planner (ops/plan.py) says does not fit in a GPU's memory.
+    check_memory: bool = True
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW as IBM's training configs set it (the paper gives none of these)."""
+
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-10
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate as a function of tokens seen (see training/schedule.py)."""
+
+    kind: str = "power"  # power | wsd | cosine | constant
+    a: float = 4.0
+    b: float = -0.51
+    # The Power formula counts the batch in sequences of this many tokens: beta = batch tokens / it.
+    # 4096 is the paper's, so its a and b hold at any model.seq_length.
+    reference_seq_length: int = 4096
+    lr_max: float = 0.02  # Power: the cap; wsd/cosine/constant: the peak
+    min_lr: float = 0.0
+    # Lengths in tokens ("200M", 2e8), or below 1 as fractions of the budget train.tokens.
+    warmup: float = 0.0
+    decay: float = 0.0
+    decay_shape: str = "exp_ibm"
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 200  # steps; the last step always saves
+    save: bool = True  # false only for throughput benchmarks: nothing is saved, not even on a stop
+    keep: int = 2  # complete checkpoints kept on disk (the newest ones)
+    dir: Optional[str] = None  # default: <run dir>/checkpoints
+    # A checkpoint to start from (a checkpoints directory, whose "latest" is used, or one iter_*
+    # directory). Stage 2: a stage-1 run's; model, optimizer and tokens seen carry over.
+    # Stage 1: any checkpoint of the same model, e.g. one imported by `convert from-hf`; only
+    # the weights carry over. A run with checkpoints of its own resumes from those instead.
+    init_from: Optional[str] = None
+
+
+@dataclass
+class Config:
+    name: str = "proxy"  # the run's directory under out_dir: letters, digits, '.', '_', '-'
+    out_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mup: MupConfig = field(default_factory=MupConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.model.seq_length
+
+    @property
+    def train_steps(self) -> int:
+        return self.train.tokens // self.tokens_per_step
+
+
+# Fields holding token counts accept "250B", "1.5T", "1e12" as well as plain integers.
+TOKEN_FIELDS = {"train.tokens", "schedule.warmup", "schedule.decay"}
+
+
+_SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+# A run or sweep name becomes a directory name.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def as_name(text: str) -> str:
+    """`text` with every character a name may not hold replaced by '-'."""
+    return "".join(c if NAME_PATTERN.fullmatch(c) else "-" for c in text)
+
+
+def format_count(n: float, spec: str = "g") -> str:
+    """2_500_000 -> '2.5M' (the inverse of parse_count); `spec` formats the number before the unit."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:{spec}}{unit}"
+    return f"{n:{spec}}"
+
+
+def parse_count(text):
+    """'250B' -> 250_000_000_000; '1e12' -> 10**12; 42 -> 42; fractions below 1 stay as they are."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and (text < 1 or text == int(text)):
+        return text if text < 1 else int(text)
+    s = str(text).strip().replace("_", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)([KMBGT]?)", s, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"'{text}' is not a count (expected e.g. 2000000, 2e6, 250B, 1.5T)")
+    value = float(m.group(1)) * _SUFFIX.get(m.group(2).upper(), 1)
+    if value < 1 and not m.group(2):
+        return value
+    if value != int(value):
+        raise ValueError(f"'{text}' is not a whole number")
+    return int(value)
+
+
+def parse_blend(entries: List[str], field_name: str):
+    """['0.7', 'a', '0.3', 'b'] -> (['a', 'b'], [0.7, 0.3]); ['a'] -> (['a'], None)."""
+    if len(entries) == 0:
+        raise ConfigError(f"{field_name} is empty; expected [prefix] or [weight, prefix, ...]")
+    if len(entries) == 1:
+        return [entries[0]], None
+    if len(entries) % 2:
+        raise ConfigError(f"{field_name} must alternate weight and path prefix, got {len(entries)} entries")
+    weights, prefixes = entries[0::2], entries[1::2]
+    try:
+        weights = [float(w) for w in weights]
+    except ValueError:
+        raise ConfigError(f"{field_name}: weights must be numbers, got {weights}") from None
+    if any(w <= 0 for w in weights):
+        raise ConfigError(f"{field_name}: weights must be positive, got {weights}")
+    return list(prefixes), weights
+
+
+def model_vocab_size(c: Config, tokenizer_vocab: int) -> int:
+    """The model's vocabulary: the recipe's, which must hold the tokenizer's, or the tokenizer's."""
+    if c.model.vocab_size is None:
+        return tokenizer_vocab
+    if c.model.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size ({c.model.vocab_size}) is smaller than the tokenizer's "
+                          f"vocabulary ({tokenizer_vocab}, {c.data.tokenizer})")
+    return c.model.vocab_size
+
+
+def to_yaml(c: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(c))
+
+
+def from_yaml(text: str) -> Config:
+    """A config saved by `to_yaml` (in a checkpoint), without validation of its paths."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def field_docs() -> List[Tuple[str, str, str]]:
+    """(dotted key, type and default, the comment that documents it) for every recipe field, read
+    from the comments beside and above each field in this file: what `megatron-power config --help`
+    lists."""
+    source = Path(__file__).read_text()
+    lines = source.splitlines()
+    classes = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
+
+    def documented(cls_name: str, prefix: str) -> List[Tuple[str, str, str]]:
+        defaults = {f.name: f for f in fields(globals()[cls_name])}
+        rows = []
+        for node in classes[cls_name].body:
+            if not isinstance(node, ast.AnnAssign):
+                continue
+            name, kind = node.target.id, ast.unparse(node.annotation)
+            if kind in classes:  # a section of Config
+                rows += documented(kind, f"{name}.")
+                continue
+            line = lines[node.lineno - 1]
+            above, i = [], node.lineno - 2
+            while i >= 0 and lines[i].strip().startswith("#"):
+                above.insert(0, lines[i].strip()[1:].strip())
+                i -= 1
+            doc = " ".join(above + ([line.split("  # ", 1)[1]] if "  # " in line else []))
+            f = defaults[name]
+            default = f.default if f.default is not MISSING else f.default_factory()
+            rows.append((prefix + name, f"{kind} = {default!r}", doc))
+        return rows
+
+    return documented("Config", "")

@@ -1,0 +1,68 @@
+"""Megatron's DDP and optimizer for a recipe, and the optimizer step that skips a non-finite one."""
+
+from __future__ import annotations
+
+import math
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import optimizer as megatron_optimizer
+
+from megatron_power.config.schema import Config
+from megatron_power.training import hardware, mup
+
+
+def build_optimizer(config: Config, model):
+    """Megatron's AdamW with muP's per-group learning rates (and the distributed optimizer if asked)."""
+    hw = hardware.detect()
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=config.schedule.lr_max,
+        min_lr=config.schedule.min_lr,
+        weight_decay=config.optim.weight_decay,
+        adam_beta1=config.optim.beta1,
+        adam_beta2=config.optim.beta2,
+        adam_eps=config.optim.eps,
+        clip_grad=config.train.clip_grad,
+        bf16=hw.bf16,
+        params_dtype=hw.dtype,
+        use_distributed_optimizer=config.parallel.distributed_optimizer,
+    )
+    return get_megatron_optimizer(optimizer_config, [model],
+                                  config_overrides=mup.optimizer_overrides(config, optimizer_config))
+
+
+def wrap_model(config: Config, model):
+    """Megatron's DDP (and, for bf16, its Float16Module) around the GPTModel."""
+    tconfig = model.config
+    if tconfig.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(tconfig, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=config.parallel.distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(tconfig, ddp_config, model)
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def step_unless_nonfinite(optimizer, clip_grad: float, probe=None) -> float:
+    """Megatron's ChainedOptimizer.step(), with one addition: a non-finite grad norm (or a
+    mixed-precision overflow) skips the update. `probe` (noise_scale.FirstMicrobatchProbe) reads
+    the global batch's gradients before clipping. Returns the grad norm."""
+    if optimizer.prepare_grads():
+        return math.inf
+    if probe is not None:
+        probe.read_global_batch(optimizer)
+    grad_norm = optimizer.get_grad_norm()
+    if not math.isfinite(grad_norm):
+        return grad_norm
+    if clip_grad > 0:
+        for chained in optimizer.chained_optimizers:
+            params = chained.get_parameters()
+            if params and not getattr(chained, "is_stub_optimizer", False):
+                megatron_optimizer.clip_grad_by_total_norm_fp32(params, clip_grad, grad_norm)
+    optimizer.step_with_ready_grads()
+    return grad_norm
