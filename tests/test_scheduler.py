@@ -5,7 +5,7 @@ import re
 import pytest
 
 from megatron_power.config import ScheduleConfig
-from megatron_power.scheduler import DECAY_SHAPES, learning_rate, power_lr
+from megatron_power.training.schedule import DECAY_SHAPES, learning_rate, power_lr
 
 PAPER = dict(a=4.0, b=-0.51, lr_max=0.02)
 
@@ -96,12 +96,13 @@ def test_the_batch_counts_sequences_of_the_reference_length():
 def test_schedule_command_prints_each_requested_point(tmp_path):
     import subprocess
 
-    from conftest import BIN, ROOT
+    from helpers import BIN, ROOT
 
     png = tmp_path / "schedule.png"
     result = subprocess.run(
         [str(BIN / "megatron-power"), "schedule", "proxy", "train.global_batch_size=1024",
-         "train.micro_batch_size=1", "model.seq_length=4096", "train.tokens=1.25T", "schedule.lr_max=0.02",
+         "train.micro_batch_size=1", "model.seq_length=4096", "train.tokens=1.25T", "schedule.a=4", "schedule.b=-0.51",
+         "schedule.lr_max=0.02",
          "schedule.warmup=0", "schedule.decay=250B", "--world-size", "1024",
          "--at", "1e11", "1T", "1.25T", "--plot", str(png)],
         cwd=ROOT, capture_output=True, text=True, check=True)
@@ -117,7 +118,7 @@ def test_schedule_command_prints_each_requested_point(tmp_path):
 
 def test_a_cap_that_hides_the_power_law_is_reported():
     from megatron_power.config import load_config
-    from megatron_power.scheduler import power_law_note
+    from megatron_power.training.schedule import power_law_note
 
     def note(recipe, *overrides, world_size=1):
         c = load_config(recipe, list(overrides), world_size, check_paths=False)
