@@ -106,8 +106,8 @@ def test_checkpoints_cross_between_gpu_and_cpu(default_data, tmp_path):
 def test_coordinate_check_is_flat_on_the_gpu(default_data, tmp_path):
     subprocess.run([str(BIN / "megatron-power"), "coordcheck", "proxy", "--widths", "128,256,512,1024", "--steps", "7",
                     "--out", str(tmp_path), "model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
-                    "train.micro_batch_size=8", f"out_dir={tmp_path}"], cwd=ROOT, check=True, capture_output=True,
-                   env=environment(GPU_ENV))
+                    "train.micro_batch_size=8", "schedule.lr_max=0.02", f"out_dir={tmp_path}"], cwd=ROOT, check=True,
+                   capture_output=True, env=environment(GPU_ENV))
     rows = [dict(r, width=int(r["width"]), step=int(r["step"]), rms=float(r["rms"]))
             for r in csv.DictReader(open(tmp_path / "coordcheck.csv"))]
     last = slopes(rows, 6)

@@ -10,8 +10,9 @@ from megatron_power.config import load_config
 from megatron_power.science.coordcheck import slopes
 
 STEPS = 7
+# lr 0.02: the lr these bounds were set at (the check runs at a constant lr_max).
 COORD = ["model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
-         "train.micro_batch_size=8"]
+         "train.micro_batch_size=8", "schedule.lr_max=0.02"]
 
 
 @pytest.mark.slow

@@ -25,10 +25,10 @@ from megatron_power.training.step import train_step
 
 
 def at_width(config, width: int, mup_enabled: bool):
-    """The recipe at another width (ModelConfig.at_width), muP on or off, and the schedule's peak lr
-    from the first step (a coordinate check measures updates at full lr)."""
+    """The recipe at another width (ModelConfig.at_width), muP on or off, and a constant lr at the
+    schedule's lr_max from the first step (a coordinate check measures updates at full lr)."""
     return replace(config, model=config.model.at_width(width), mup=replace(config.mup, enabled=mup_enabled),
-                   schedule=replace(config.schedule, warmup=0.0, decay=0.0))
+                   schedule=replace(config.schedule, kind="constant", warmup=0.0, decay=0.0))
 
 
 def _rms(t: torch.Tensor) -> float:
