@@ -199,3 +199,27 @@ def test_stage_two_continues_the_stage_one_data_past_what_stage_one_read(default
     assert not set(stage1_read) & set(stage2_read)
     # The continuation is stage 1's own order: what stage 1 would have read next.
     assert stage2_read == _sample_starts(first, read, len(from_corpus))
+
+
+def test_stage_two_past_one_epoch_of_stage_one_data_says_so(default_data, tmp_path):
+    """Stage 1 read 25,000 of the corpus's ~26,100 samples of 128 tokens: stage 2's share takes its
+    dataset into a second epoch, which Megatron reshuffles as a whole, and the run is told."""
+    import torch.distributed as dist
+
+    from megatron_power.config import load_config
+    from megatron_power.training.continued_dataset import dataset_key, reordered
+    from megatron_power.training.data import TokenizerInfo, build_datasets
+    from megatron_power.training.runtime import _free_port
+
+    stage2 = load_config("proxy", ["model.seq_length=128", "train.global_batch_size=16", "train.micro_batch_size=4",
+                                   f"out_dir={tmp_path}", "train.tokens=819200", "train.stage=2",
+                                   f"checkpoint.init_from={tmp_path}", "schedule.decay=409600",
+                                   "data.train=[0.7,data/stdlib/train,0.3,data/stdlib/valid]"], check_paths=False)
+    corpus = dataset_key(stage2.data.train[1])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        train, _ = build_datasets(stage2, TokenizerInfo.from_sentencepiece(stage2.data.tokenizer), {corpus: 25_000})
+    finally:
+        dist.destroy_process_group()
+    assert (train.datasets[0].skip, train.datasets[0].epochs) == (25_000, 2)
+    assert [dataset_key(p) for p in reordered(train)] == [corpus]

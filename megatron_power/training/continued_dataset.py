@@ -37,7 +37,12 @@ class ContinuedGPTDataset(GPTDataset):
         super().__init__(indexed_dataset, dataset_path, indexed_indices,
                          None if num_samples is None else num_samples + self.skip, index_split, config)
         self.num_samples = num_samples  # what the blend asked of this stage
-        self.epochs = self._get_num_epochs(self._get_num_tokens_per_epoch())
+
+    @property
+    def epochs(self) -> int:
+        """Epochs of the built index, earlier stages' samples included: its document order holds
+        each document once per epoch."""
+        return len(self.document_index) // len(self.indices)
 
     def __len__(self) -> int:
         return super().__len__() - self.skip
