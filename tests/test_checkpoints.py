@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import BIN, ROOT, SMALL, TOKENS_PER_STEP, metrics, run_train, truncate
+from helpers import ROOT, SMALL, TOKENS_PER_STEP, command, metrics, run_train, truncate
 from megatron_power.errors import CheckpointError
 from megatron_power.training import checkpoint
 
@@ -117,8 +117,8 @@ def test_resume_with_another_model_is_refused_in_one_line(finished, tmp_path):
 
 @pytest.mark.slow
 def test_second_job_is_refused_and_ctrl_c_saves_and_exits(default_data, tmp_path):
-    first = subprocess.Popen([str(BIN / "megatron-power"), "train", "proxy", f"out_dir={tmp_path}", "name=busy",
-                              *SMALL, f"train.tokens={200 * TOKENS_PER_STEP}"],
+    first = subprocess.Popen(command("train", "proxy", f"out_dir={tmp_path}", "name=busy",
+                              *SMALL, f"train.tokens={200 * TOKENS_PER_STEP}"),
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 120

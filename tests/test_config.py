@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from helpers import BIN, ROOT, megatron_power, truncate
+from helpers import ROOT, command, megatron_power, truncate
 from megatron_power.config import load_config, parse_count
 from megatron_power.errors import ConfigError
 
@@ -73,7 +73,7 @@ def test_every_problem_is_reported_at_once(default_data):
 
 def test_cli_refuses_before_any_work(default_data, tmp_path):
     result = subprocess.run(
-        [str(BIN / "megatron-power"), "train", "proxy", f"out_dir={tmp_path}", "parallel.pp=3"],
+        command("train", "proxy", f"out_dir={tmp_path}", "parallel.pp=3"),
         cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -146,7 +146,7 @@ DATA_DAMAGE = {
 def test_bad_data_is_refused_before_a_run_folder_exists(default_data, tmp_path, damage):
     make, field, message = DATA_DAMAGE[damage]
     overrides = _damaged_data(default_data, tmp_path, make)
-    result = subprocess.run([str(BIN / "megatron-power"), "train", "proxy", f"out_dir={tmp_path / 'runs'}", *overrides],
+    result = subprocess.run(command("train", "proxy", f"out_dir={tmp_path / 'runs'}", *overrides),
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     errors = result.stderr.strip().splitlines()

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import GPU_ENV, GPUS
-from helpers import BIN, ROOT, SMALL, environment, metrics, run_train
+from helpers import ROOT, SMALL, command, environment, metrics, run_train
 from megatron_power.science.coordcheck import slopes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="needs a CUDA GPU")]
@@ -92,8 +92,8 @@ def test_checkpoints_cross_between_gpu_and_cpu(default_data, tmp_path):
     # Saved on the GPU (TE's layers and their FP8 extra state where TE is installed): loads on
     # the CPU and converts to Hugging Face with logits parity.
     run_train(tmp_path, "gpu", MOE + ["precision.fp8=hybrid", f"train.tokens={2 * 16 * 128}"], env_vars=GPU_ENV)
-    subprocess.run([str(BIN / "megatron-power"), "convert", "to-hf", str(tmp_path / "gpu" / "checkpoints"),
-                    str(tmp_path / "hf"), "--dtype", "fp32", "--verify"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(command("convert", "to-hf", str(tmp_path / "gpu" / "checkpoints"),
+                    str(tmp_path / "hf"), "--dtype", "fp32", "--verify"), cwd=ROOT, check=True, capture_output=True)
     # Saved on the CPU (no extra state): trains on under the GPU's layers from where it stopped.
     cpu = losses(tmp_path, "cpu", MOE, on_gpu=False)
     run_train(tmp_path, "moved", MOE + [f"train.tokens={5 * 16 * 128}"])
@@ -104,9 +104,9 @@ def test_checkpoints_cross_between_gpu_and_cpu(default_data, tmp_path):
 
 
 def test_coordinate_check_is_flat_on_the_gpu(default_data, tmp_path):
-    subprocess.run([str(BIN / "megatron-power"), "coordcheck", "proxy", "--widths", "128,256,512,1024", "--steps", "7",
+    subprocess.run(command("coordcheck", "proxy", "--widths", "128,256,512,1024", "--steps", "7",
                     "--out", str(tmp_path), "model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
-                    "train.micro_batch_size=8", "schedule.lr_max=0.02", f"out_dir={tmp_path}"], cwd=ROOT, check=True,
+                    "train.micro_batch_size=8", "schedule.lr_max=0.02", f"out_dir={tmp_path}"), cwd=ROOT, check=True,
                    capture_output=True, env=environment(GPU_ENV))
     rows = [dict(r, width=int(r["width"]), step=int(r["step"]), rms=float(r["rms"]))
             for r in csv.DictReader(open(tmp_path / "coordcheck.csv"))]

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from helpers import BIN, ROOT, megatron_power
+from helpers import ROOT, command, megatron_power
 from megatron_power.config import load_config
 from megatron_power.science.coordcheck import slopes
 
@@ -17,8 +17,8 @@ COORD = ["model.num_layers=2", "model.seq_length=128", "train.global_batch_size=
 
 @pytest.mark.slow
 def test_coordinate_check_is_flat_under_mup_and_not_under_sp(default_data, tmp_path):
-    subprocess.run([str(BIN / "megatron-power"), "coordcheck", "proxy", "--widths", "128,256,512,1024",
-                    "--steps", str(STEPS), "--out", str(tmp_path), *COORD, f"out_dir={tmp_path}"],
+    subprocess.run(command("coordcheck", "proxy", "--widths", "128,256,512,1024",
+                    "--steps", str(STEPS), "--out", str(tmp_path), *COORD, f"out_dir={tmp_path}"),
                    cwd=ROOT, check=True, capture_output=True)
     rows = [dict(r, width=int(r["width"]), step=int(r["step"]), rms=float(r["rms"]))
             for r in csv.DictReader(open(tmp_path / "coordcheck.csv"))]

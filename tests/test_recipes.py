@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from helpers import BIN, ROOT, megatron_power
+from helpers import ROOT, command, megatron_power
 
 # Paper Table 4: (total, active non-embedding) parameters.
 TABLE4 = {
@@ -34,9 +34,9 @@ def test_parameter_counts_match_the_paper(recipe):
 
 
 def test_plan_over_memory_says_so_and_fails():
-    fits = subprocess.run([str(BIN / "megatron-power"), "plan", "dense3b", "--gpus", "8"], cwd=ROOT,
+    fits = subprocess.run(command("plan", "dense3b", "--gpus", "8"), cwd=ROOT,
                           capture_output=True, text=True)
-    over = subprocess.run([str(BIN / "megatron-power"), "plan", "dense3b", "--gpus", "1", "train.micro_batch_size=8"],
+    over = subprocess.run(command("plan", "dense3b", "--gpus", "1", "train.micro_batch_size=8"),
                           cwd=ROOT, capture_output=True, text=True)
     assert fits.returncode == 0 and "fits (under 90%)" in fits.stdout
     assert over.returncode == 1 and "DOES NOT FIT (over 90%)" in over.stdout
@@ -49,7 +49,7 @@ def test_planner_counts_the_model_that_trains(default_data):
               "model.vocab_size=8192", "parallel.ep=1", "train.micro_batch_size=1",
               "train.global_batch_size=8"]
     total, _, _ = _plan("moe1b", *shrunk, "--gpus", "1")
-    listing = subprocess.run([str(BIN / "megatron-power"), "params", "moe1b", *shrunk], cwd=ROOT,
+    listing = subprocess.run(command("params", "moe1b", *shrunk), cwd=ROOT,
                              check=True, capture_output=True, text=True).stdout.splitlines()[1:]
     built = 0
     for line in listing:

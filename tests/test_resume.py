@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from helpers import BIN, ROOT, SMALL, TOKENS_PER_STEP, metrics, run_train
+from helpers import ROOT, SMALL, TOKENS_PER_STEP, command, metrics, run_train
 from megatron_power.training import checkpoint
 
 STEPS = 24
@@ -31,8 +31,8 @@ def test_run_killed_again_and_again_ends_with_the_uninterrupted_losses(default_d
     run_train(tmp_path, "whole", OVERRIDES)
     expected_train, expected_valid = metrics(tmp_path / "whole")
 
-    cmd = [str(BIN / "megatron-power"), "train", "proxy", f"out_dir={tmp_path}", "name=chaos",
-           *OVERRIDES, "checkpoint.interval=2"]
+    cmd = command("train", "proxy", f"out_dir={tmp_path}", "name=chaos",
+           *OVERRIDES, "checkpoint.interval=2")
     run, rng = tmp_path / "chaos", random.Random(2026_11_23)
     kills = 0
     while kills < 6:

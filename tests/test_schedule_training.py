@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from helpers import BATCH, BIN, ROOT, SMALL, TOKENS_PER_STEP, records, run_train
+from helpers import BATCH, ROOT, SMALL, TOKENS_PER_STEP, command, records, run_train
 from megatron_power.config import load_config
 from megatron_power.training.schedule import learning_rate
 
@@ -33,7 +33,7 @@ def kill_after(cmd, log_dir, steps):
 def test_batch_size_change_at_resume_stays_on_the_token_schedule(default_data, tmp_path):
     budget = 32 * TPS
     overrides = SMALL + POWER + [f"train.tokens={budget}", "schedule.decay=0.25", "checkpoint.interval=2"]
-    cmd = [str(BIN / "megatron-power"), "train", "proxy", f"out_dir={tmp_path}", "name=ramp", *overrides]
+    cmd = command("train", "proxy", f"out_dir={tmp_path}", "name=ramp", *overrides)
     kill_after(cmd, tmp_path / "ramp", 5)
     run_train(tmp_path, "ramp", overrides + [f"train.global_batch_size={2 * BATCH}"])
 

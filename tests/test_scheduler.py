@@ -96,15 +96,15 @@ def test_the_batch_counts_sequences_of_the_reference_length():
 def test_schedule_command_prints_each_requested_point(tmp_path):
     import subprocess
 
-    from helpers import BIN, ROOT
+    from helpers import ROOT, command
 
     png = tmp_path / "schedule.png"
     result = subprocess.run(
-        [str(BIN / "megatron-power"), "schedule", "proxy", "train.global_batch_size=1024",
+        command("schedule", "proxy", "train.global_batch_size=1024",
          "train.micro_batch_size=1", "model.seq_length=4096", "train.tokens=1.25T", "schedule.a=4", "schedule.b=-0.51",
          "schedule.lr_max=0.02",
          "schedule.warmup=0", "schedule.decay=250B", "--world-size", "1024",
-         "--at", "1e11", "1T", "1.25T", "--plot", str(png)],
+         "--at", "1e11", "1T", "1.25T", "--plot", str(png)),
         cwd=ROOT, capture_output=True, text=True, check=True)
     lines = result.stdout.splitlines()
     assert lines[0].startswith("note: the lr holds at lr_max 0.02 from the end of the warmup (0 tokens)")

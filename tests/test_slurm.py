@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import slurm_cluster
 
-from helpers import BIN, ROOT, SMALL, metrics, run_train, write_spec
+from helpers import ROOT, SMALL, command, metrics, run_train, write_spec
 from megatron_power import cli
 
 STEPS = 120
@@ -62,15 +62,15 @@ def test_time_limited_job_requeues_and_matches_a_local_run(cluster, default_data
 @pytest.mark.slow
 def test_sweep_runs_as_a_job_array(cluster, default_data, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", tmp_path / "sweeps", {"schedule.lr_max": [0.005, 0.02]}, name="array")
-    submitted = subprocess.run([str(BIN / "megatron-power"), "sweep", str(spec), "--slurm", "--cpu", "--time", "10",
-                                "--log-dir", str(tmp_path)], cwd=ROOT, env=cluster.env, capture_output=True, text=True)
+    submitted = subprocess.run(command("sweep", str(spec), "--slurm", "--cpu", "--time", "10",
+                                "--log-dir", str(tmp_path)), cwd=ROOT, env=cluster.env, capture_output=True, text=True)
     assert submitted.returncode == 0, submitted.stderr
     job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
     for task in (0, 1):
         job = cluster.wait(f"{job_id}_{task}", timeout=300)
         assert job["JobState"] == "COMPLETED", (tmp_path / f"array-{job_id}_{task}.out").read_text()[-3000:]
 
-    again = subprocess.run([str(BIN / "megatron-power"), "sweep", str(spec), "--slurm", "--cpu"], cwd=ROOT,
+    again = subprocess.run(command("sweep", str(spec), "--slurm", "--cpu"), cwd=ROOT,
                            env=cluster.env, capture_output=True, text=True)
     assert again.returncode == 0 and "every point of array is done" in again.stdout, again.stderr
     rows = (tmp_path / "sweeps" / "array" / "results.csv").read_text().splitlines()

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import BIN, ROOT, command, write_spec
+from helpers import ROOT, command, write_spec
 from megatron_power.science import fit
 
 
@@ -55,7 +55,7 @@ def test_grid_is_interrupted_resumed_and_fitted(default_data, tmp_path):
     loss = {(r["lr"], r["tokens"]): float(r["valid_loss"]) for r in rows}
     assert loss[("0.005", "32000")] < loss[("0.005", "16000")] and loss[("0.02", "32000")] < loss[("0.02", "16000")]
 
-    result = subprocess.run([str(BIN / "megatron-power"), "fit", str(runs / "results.csv")], cwd=ROOT,
+    result = subprocess.run(command("fit", str(runs / "results.csv")), cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "gamma = lr_opt / beta = a * T**b" in result.stdout
@@ -144,7 +144,7 @@ def test_optimum_at_the_edge_is_flagged_and_divergence_counts_as_worst():
 def test_bad_results_table_is_refused(tmp_path):
     bad = tmp_path / "results.csv"
     bad.write_text("point,lr\nx,0.1\n")
-    result = subprocess.run([str(BIN / "megatron-power"), "fit", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(command("fit", str(bad)), cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert "missing ['batch', 'mup', 'reference_seq_length', 'seq_length', 'tokens', 'valid_loss', 'width']" in result.stderr
 
