@@ -10,6 +10,7 @@ On a GPU machine with the packages installed it runs, in order:
 4. the coordinate check on the GPU path, as a plot.
 
     python bench/gpu_check.py [--out runs/gpu-check] [--steps 12] [--warmup 4] [--accumulation 8]
+                              [--parts tests mfu coordcheck]
 
 Each part's full output is kept beside report.md; a part that fails is reported and the rest run.
 """
@@ -53,7 +54,10 @@ def versions() -> dict:
     import torch
 
     found["cuda"] = torch.version.cuda
-    found["cudnn"] = torch.backends.cudnn.version() if torch.cuda.is_available() else None
+    try:  # a second cuDNN loaded first (one Transformer Engine found) makes torch refuse its own
+        found["cudnn"] = torch.backends.cudnn.version() if torch.cuda.is_available() else None
+    except RuntimeError as error:
+        found["cudnn"] = str(error).split(".")[0]
     return found
 
 
@@ -63,6 +67,7 @@ def main():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--accumulation", type=int, default=8)
+    p.add_argument("--parts", nargs="+", choices=("tests", "mfu", "coordcheck"), default=["tests", "mfu", "coordcheck"])
     args = p.parse_args()
     hw = hardware.detect()
     if not hw.cuda:
@@ -79,16 +84,17 @@ def main():
     (out / "machine.json").write_text(json.dumps(machine, indent=1))
     print(json.dumps(machine, indent=1), flush=True)
 
-    parts = [
-        run("tests", [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v",
-                      f"--junitxml={out / 'tests.xml'}"], out),
-        run("mfu", [sys.executable, "bench/gpu_mfu.py", "--steps", str(args.steps), "--warmup", str(args.warmup),
-                    "--accumulation", str(args.accumulation), "--json", str(out / "mfu.json")], out),
-        run("coordcheck", [sys.executable, "-m", "megatron_power.cli", "coordcheck", "proxy", "--widths",
-                           "128,256,512,1024", "--steps", "7", "--out", str(out / "coordcheck"),
-                           "model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
-                           "train.micro_batch_size=8", f"out_dir={out}"], out),
-    ]
+    commands = {
+        "tests": [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v",
+                  f"--junitxml={out / 'tests.xml'}"],
+        "mfu": [sys.executable, "bench/gpu_mfu.py", "--steps", str(args.steps), "--warmup", str(args.warmup),
+                "--accumulation", str(args.accumulation), "--json", str(out / "mfu.json")],
+        "coordcheck": [sys.executable, "-m", "megatron_power.cli", "coordcheck", "proxy", "--widths",
+                       "128,256,512,1024", "--steps", "7", "--out", str(out / "coordcheck"),
+                       "model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
+                       "train.micro_batch_size=8", "schedule.lr_max=0.02", f"out_dir={out}"],
+    }
+    parts = [run(name, commands[name], out) for name in args.parts]
     write_report(out, machine, parts, time.time() - start)
     sys.exit(0 if all(part["exit_code"] == 0 for part in parts) else 1)
 
@@ -107,7 +113,9 @@ def write_report(out: Path, machine: dict, parts: list, seconds: float) -> None:
                   "TFLOP/s (causal attention counted as half).", "",
                   "| recipe | layers | precision | tokens/s | TFLOP/s | MFU | peak GiB | planned GiB | peak/plan |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['recipe']} | {r['layers']} | {r['precision']} | {r['tokens_per_s']:,} | {r['tflops']} | "
+        lines += [f"| {r['recipe']} | {r['layers']} | {r['precision']} | failed | | | | {r['planned_gib']:.2f} | |"
+                  if r.get("failed") else
+                  f"| {r['recipe']} | {r['layers']} | {r['precision']} | {r['tokens_per_s']:,} | {r['tflops']} | "
                   f"{r['mfu']:.1%} | {r['peak_gib']:.2f} | {r['planned_gib']:.2f} | {r['peak_vs_plan']:.2f} |"
                   for r in table["rows"]]
     coord = out / "coordcheck.log"

@@ -61,10 +61,12 @@ def fitting_depth(recipe: str, overrides: list, capacity_gib: float) -> int:
 
 
 def measure(recipe: str, overrides: list, steps: int, warmup: int):
-    """Tokens/s of `megatron-power train` over its steps after the warm-up, and its peak GPU memory (GiB)."""
+    """Tokens/s of `megatron-power train` over its steps after the warm-up, and its peak GPU memory
+    (GiB); None when the run fails (its output above says why)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "megatron_power.cli", "train", recipe, f"out_dir={out}", "name=bench", *overrides]
-        subprocess.run(cmd, cwd=ROOT, check=True)
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            return None
         rows = [json.loads(line) for line in (Path(out) / "bench" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     start, end = rows[warmup - 1], rows[-1]
@@ -97,31 +99,45 @@ def main():
         common = ONE_GPU + [f"train.global_batch_size={batch}",
                             f"train.tokens={args.steps * batch * base.model.seq_length}",
                             "train.eval_interval=1000000", "train.eval_batches=1", "checkpoint.save=false"]
-        depth = args.layers or fitting_depth(recipe, common, capacity)
+        # One depth for both precisions, the one that fits in FP8 (its weight copies take more),
+        # so that their tokens/s compare.
+        depth = args.layers or min(fitting_depth(recipe, common + PRECISION[precision], capacity)
+                                   for precision in args.precisions)
         common.append(f"model.num_layers={depth}")
-        config = load_config(recipe, common, 1, check_paths=False)
-        counts = plan.count_parameters(config, config.model.vocab_size)
-        flops = plan.flops_per_token(config, counts)
-        planned = plan.memory_per_gpu(config, counts, 1).total / plan.GIB
         for precision in args.precisions:
             if precision == "fp8" and not hw.transformer_engine:
                 print(f"{recipe} fp8: skipped, Transformer Engine is not usable here")
                 continue
-            tokens_per_s, peak_gib = measure(recipe, common + PRECISION[precision], args.steps, args.warmup)
-            rows.append({"recipe": recipe, "layers": f"{depth}/{base.model.num_layers}", "precision": precision,
-                         "tokens_per_s": round(tokens_per_s), "tflops": round(tokens_per_s * flops / 1e12, 1),
-                         "mfu": round(tokens_per_s * flops / peak, 3), "peak_gib": peak_gib,
-                         "planned_gib": round(planned, 2), "peak_vs_plan": round(peak_gib / planned, 3)})
+            config = load_config(recipe, common + PRECISION[precision], 1, check_paths=False)
+            counts = plan.count_parameters(config, config.model.vocab_size)
+            flops = plan.flops_per_token(config, counts)
+            planned = plan.memory_per_gpu(config, counts, 1).total / plan.GIB
+            row = {"recipe": recipe, "layers": f"{depth}/{base.model.num_layers}", "precision": precision,
+                   "planned_gib": round(planned, 2)}
+            measured = measure(recipe, common + PRECISION[precision], args.steps, args.warmup)
+            if measured is None:
+                row["failed"] = True
+            else:
+                tokens_per_s, peak_gib = measured
+                row.update(tokens_per_s=round(tokens_per_s), tflops=round(tokens_per_s * flops / 1e12, 1),
+                           mfu=round(tokens_per_s * flops / peak, 3), peak_gib=peak_gib,
+                           peak_vs_plan=round(peak_gib / planned, 3))
+            rows.append(row)
+            if args.json:  # as each row comes, so that a later failure or a time limit keeps it
+                args.json.write_text(json.dumps({"device": hw.gpu_name, "bf16_peak_tflops": peak / 1e12,
+                                                 "rows": rows}, indent=1))
     lines = [f"{hw.gpu_name}, bf16 peak {peak / 1e12:.0f} TFLOP/s; reference: Megatron-Core 41% MFU (1.7B, bf16, H100)",
              f"{'recipe':<9} {'layers':<7} {'precision':<9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
              f"{'peak GiB':>9} {'planned':>8} {'ratio':>6}"]
     for r in rows:
+        if r.get("failed"):
+            lines.append(f"{r['recipe']:<9} {r['layers']:<7} {r['precision']:<9} failed (see above); planned "
+                         f"{r['planned_gib']:.2f} GiB")
+            continue
         lines.append(f"{r['recipe']:<9} {r['layers']:<7} {r['precision']:<9} {r['tokens_per_s']:>10,} {r['tflops']:>8} "
                      f"{r['mfu']:>6.1%} {r['peak_gib']:>9.2f} {r['planned_gib']:>8.2f} {r['peak_vs_plan']:>6.2f}")
     print("\n" + "\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps({"device": hw.gpu_name, "bf16_peak_tflops": peak / 1e12, "rows": rows},
-                                        indent=1))
+    sys.exit(1 if any(r.get("failed") for r in rows) else 0)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ import sys
 # The suite runs on the CPU in fp32, where losses are compared exactly, even on a GPU host: CUDA
 # is hidden from this process and every process it starts, before anything imports torch. Tests
 # marked `gpu` hand the GPUs back to the processes they start (GPU_ENV).
-_VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")
+# pytest-xdist's workers inherit the hidden value, so what was visible is passed down beside it
+# (seen on an H100: under -n 4 every GPU test was skipped).
+_SAVED = "MEGATRON_POWER_TESTS_VISIBLE_DEVICES"
+os.environ.setdefault(_SAVED, os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+_VISIBLE = None if os.environ[_SAVED] == "<unset>" else os.environ[_SAVED]
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 GPU_ENV = {"CUDA_VISIBLE_DEVICES": _VISIBLE}  # None: unset, every GPU visible
 

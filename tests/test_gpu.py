@@ -49,8 +49,9 @@ def assert_close(gpu, cpu, later_tolerance, first=1):
 
 def logits(ckpt, out, on_gpu, local=False):
     cmd = [sys.executable, str(ROOT / "tests" / "logits_of_checkpoint.py"), str(ckpt), str(out)]
-    subprocess.run(cmd + (["--local"] if local else []), cwd=ROOT, check=True, capture_output=True,
-                   env=environment(GPU_ENV if on_gpu else None))
+    done = subprocess.run(cmd + (["--local"] if local else []), cwd=ROOT, capture_output=True, text=True,
+                          env=environment(GPU_ENV if on_gpu else None))
+    assert done.returncode == 0, done.stderr[-4000:]
     return torch.load(out)
 
 
@@ -92,8 +93,9 @@ def test_checkpoints_cross_between_gpu_and_cpu(default_data, tmp_path):
     # Saved on the GPU (TE's layers and their FP8 extra state where TE is installed): loads on
     # the CPU and converts to Hugging Face with logits parity.
     run_train(tmp_path, "gpu", MOE + ["precision.fp8=hybrid", f"train.tokens={2 * 16 * 128}"], env_vars=GPU_ENV)
-    subprocess.run(command("convert", "to-hf", str(tmp_path / "gpu" / "checkpoints"),
-                    str(tmp_path / "hf"), "--dtype", "fp32", "--verify"), cwd=ROOT, check=True, capture_output=True)
+    done = subprocess.run(command("convert", "to-hf", str(tmp_path / "gpu" / "checkpoints"), str(tmp_path / "hf"),
+                                  "--dtype", "fp32", "--verify"), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
     # Saved on the CPU (no extra state): trains on under the GPU's layers from where it stopped.
     cpu = losses(tmp_path, "cpu", MOE, on_gpu=False)
     run_train(tmp_path, "moved", MOE + [f"train.tokens={5 * 16 * 128}"])
@@ -104,10 +106,12 @@ def test_checkpoints_cross_between_gpu_and_cpu(default_data, tmp_path):
 
 
 def test_coordinate_check_is_flat_on_the_gpu(default_data, tmp_path):
-    subprocess.run(command("coordcheck", "proxy", "--widths", "128,256,512,1024", "--steps", "7",
-                    "--out", str(tmp_path), "model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
-                    "train.micro_batch_size=8", "schedule.lr_max=0.02", f"out_dir={tmp_path}"), cwd=ROOT, check=True,
-                   capture_output=True, env=environment(GPU_ENV))
+    done = subprocess.run(command("coordcheck", "proxy", "--widths", "128,256,512,1024", "--steps", "7",
+                                  "--out", str(tmp_path), "model.num_layers=2", "model.seq_length=128",
+                                  "train.global_batch_size=8", "train.micro_batch_size=8", "schedule.lr_max=0.02",
+                                  f"out_dir={tmp_path}"), cwd=ROOT, capture_output=True, text=True,
+                          env=environment(GPU_ENV))
+    assert done.returncode == 0, done.stderr[-4000:]
     rows = [dict(r, width=int(r["width"]), step=int(r["step"]), rms=float(r["rms"]))
             for r in csv.DictReader(open(tmp_path / "coordcheck.csv"))]
     last = slopes(rows, 6)

@@ -5,6 +5,7 @@ computed from which modules import, and Megatron's config is checked field by fi
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 from helpers import ROOT
 from megatron_power.config import load_config
@@ -34,6 +35,8 @@ def test_policy_for_each_machine():
     assert with_te.layer_impl == "transformer_engine" and with_te.bf16
     with_apex = hardware.decide(True, modules(hardware.APEX_MODULE, hardware.FUSED_SOFTMAX_MODULE))
     assert with_apex.apex and with_apex.fused_softmax and with_apex.layer_impl == "local"
+    assert not with_apex.fused_wgrad
+    assert hardware.decide(True, modules(hardware.FUSED_WGRAD_MODULE)).fused_wgrad
 
 
 def test_transformer_engine_with_a_broken_torch_extension_is_not_used(tmp_path, monkeypatch):
@@ -76,7 +79,11 @@ def test_model_reads_the_policy():
 
     te = _fields(MOE + ["precision.fp8=hybrid", "precision.recompute=selective"], GPU_TE)
     assert te["transformer_impl"] == "transformer_engine" and te["fp8"] == "hybrid"
-    assert te["moe_grouped_gemm"] and te["moe_permute_fusion"] and te["gradient_accumulation_fusion"]
+    assert te["moe_grouped_gemm"] and te["moe_permute_fusion"]
+    # Without Apex's wgrad kernel, Megatron's output layer raises at construction if this is on.
+    assert not te["gradient_accumulation_fusion"]
+    with_apex = _fields(MOE, replace(GPU_TE, apex=True, fused_wgrad=True))
+    assert with_apex["gradient_accumulation_fusion"]
     assert te["moe_router_dtype"] == "fp32"
     # Fused attention never stores the scores that selective recompute would drop.
     assert "recompute_granularity" not in te

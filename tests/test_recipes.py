@@ -84,6 +84,19 @@ def test_flops_per_token_count_causal_attention():
     assert plan.flops_per_token(config, counts) == pytest.approx(23.33e9, rel=1e-3)
 
 
+def test_fp8_plan_counts_transformer_engines_weight_copies():
+    from megatron_power.config import load_config
+    from megatron_power.ops import plan
+
+    # Measured on an H100: dense3b at 39 layers ran in bf16 and ran out of memory in FP8, whose
+    # FP8 copy and transpose of every layer weight the plan left out.
+    bf16, fp8 = (load_config("dense3b", ["parallel.tp=1", "parallel.pp=1", f"precision.fp8={f}"], 1, check_paths=False)
+                 for f in ("null", "hybrid"))
+    counts = plan.count_parameters(bf16, bf16.model.vocab_size)
+    extra = plan.memory_per_gpu(fp8, counts, 1).weights - plan.memory_per_gpu(bf16, counts, 1).weights
+    assert extra == 2 * (counts.total - counts.embedding)
+
+
 def test_moe_values_follow_their_sources():
     from transformers import GraniteMoeConfig
 

@@ -100,6 +100,9 @@ def memory_per_gpu(config, counts: ParamCounts, gpus: int) -> Memory:
     expert = counts.expert / (p.pp * p.ep * p.tp)
     params = dense + expert
     weights = params * 2  # bf16, as on the GPUs this plans for
+    if config.precision.fp8:
+        # Transformer Engine also keeps each layer weight in FP8, and its transpose for backward.
+        weights += 2 * (params - counts.embedding / p.tp)
     gradients = params * 4  # Megatron reduces gradients in fp32
     state = 12  # fp32 master weights, exp_avg, exp_avg_sq
     if p.distributed_optimizer:

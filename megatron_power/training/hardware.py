@@ -21,6 +21,9 @@ import torch
 # against another torch, so it proves nothing.
 TE_MODULE = "transformer_engine.pytorch.fp8"
 FUSED_SOFTMAX_MODULE = "scaled_masked_softmax_cuda"  # Apex's kernel behind masked_softmax_fusion
+# Apex's kernel behind gradient_accumulation_fusion: Megatron's own output layer requires it once
+# the flag is on, even where Transformer Engine's layers would fuse without it.
+FUSED_WGRAD_MODULE = "fused_weight_gradient_mlp_cuda"
 APEX_MODULE = "apex"
 
 
@@ -30,6 +33,7 @@ class Hardware:
     transformer_engine: bool  # usable: only ever True with CUDA
     apex: bool
     fused_softmax: bool
+    fused_wgrad: bool = False
     gpu_name: str = ""
     gpu_memory_gib: float = 0.0
     gpus: int = 0
@@ -82,6 +86,7 @@ def decide(cuda: bool, can_import: Callable[[str], bool] = importable) -> Hardwa
         transformer_engine=can_import(TE_MODULE),
         apex=can_import(APEX_MODULE),
         fused_softmax=can_import(FUSED_SOFTMAX_MODULE),
+        fused_wgrad=can_import(FUSED_WGRAD_MODULE),
         gpu_name=props.name if props else "",
         gpu_memory_gib=props.total_memory / 2**30 if props else 0.0,
         gpus=torch.cuda.device_count() if props else 0,

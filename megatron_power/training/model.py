@@ -66,7 +66,7 @@ def transformer_fields(config, hw: Hardware) -> dict:
         masked_softmax_fusion=hw.fused_softmax,
         persist_layer_norm=hw.apex,
         apply_rope_fusion=te,
-        gradient_accumulation_fusion=te,
+        gradient_accumulation_fusion=hw.fused_wgrad,
         transformer_impl=hw.layer_impl,
         **moe_fields(config, hw),
         **precision_fields(config, hw),
