@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +58,20 @@ def run_train(out_dir: Path, name: str, overrides, nproc: int = 1, check: bool =
     """`megatron-power train RECIPE ...` into OUT_DIR/NAME."""
     return megatron_power("train", recipe, *flags, f"out_dir={out_dir}", f"name={name}", *overrides, nproc=nproc,
                           check=check, env_vars=env_vars, cwd=cwd, **popen)
+
+
+def kill_after(cmd, log_dir, steps):
+    """Start `cmd` and SIGKILL its whole process group once LOG_DIR/metrics.jsonl holds `steps` steps."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (log_dir / "metrics.jsonl").is_file() and len(records(log_dir, "loss")) >= steps:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def records(run_dir: Path, key: str) -> list:

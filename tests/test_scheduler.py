@@ -110,9 +110,10 @@ def test_schedule_command_prints_each_requested_point(tmp_path):
     assert lines[0].startswith("note: the lr holds at lr_max 0.02 from the end of the warmup (0 tokens)")
     rows = [line.split() for line in lines[2:5]]
     assert [r[0] for r in rows] == ["100,000,000,000", "1,000,000,000,000", "1,250,000,000,000"]
-    assert float(rows[0][1]) == pytest.approx(1.0e-2, rel=0.01)
-    assert float(rows[1][1]) == pytest.approx(3.1e-3, rel=0.01)
-    assert float(rows[2][1]) == 0.0
+    assert [r[1] for r in rows] == ["1024"] * 3
+    assert float(rows[0][2]) == pytest.approx(1.0e-2, rel=0.01)
+    assert float(rows[1][2]) == pytest.approx(3.1e-3, rel=0.01)
+    assert float(rows[2][2]) == 0.0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -145,7 +145,7 @@ def shrink(c: Config) -> Config:
     if c.model.num_experts:
         m = replace(m, num_experts=max(2 * p.ep, min(c.model.num_experts, 8)),
                     moe_topk=min(c.model.moe_topk, 2), moe_ffn_hidden_size=64 * p.tp)
-    t = replace(c.train, global_batch_size=16, micro_batch_size=4, tokens=10 * 16 * 128, stage=1,
+    t = replace(c.train, global_batch_size=16, batch_schedule=None, micro_batch_size=4, tokens=10 * 16 * 128, stage=1,
                 log_interval=1, eval_interval=10, eval_batches=1)
     return replace(c, name=f"{c.name}-smoke", model=m, parallel=p, train=t,
                    checkpoint=replace(c.checkpoint, init_from=None, interval=10),

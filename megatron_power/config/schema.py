@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
@@ -100,11 +100,25 @@ class DataConfig:
 
 
 @dataclass
+class BatchGrowthConfig:
+    """train.batch_schedule=noise_scale: the batch starts at train.global_batch_size (the floor)
+    and doubles towards factor x the measured B_simple (training/batch_schedule.py)."""
+
+    ceiling: int = 1024  # sequences: train.global_batch_size times a power of two
+    factor: float = 1.0  # k: the batch aimed at is k x B_simple
+    min_interval: int = 0  # tokens between two changes ("1B", 1e9)
+
+
+@dataclass
 class TrainConfig:
     # Token budget, counted from the start of stage 1: a stage-2 run's budget includes stage 1's.
     tokens: int = 20_000_000
     stage: int = 1  # 2: continue from checkpoint.init_from (a stage-1 run) on its own data blend
-    global_batch_size: int = 32  # sequences
+    global_batch_size: int = 32  # sequences; with a batch_schedule, the batch it starts from
+    # null: global_batch_size throughout; [[tokens, batch], ...]: from each token count on, that
+    # batch; noise_scale: grown with the measured critical batch (see batch_growth).
+    batch_schedule: Any = None
+    batch_growth: BatchGrowthConfig = field(default_factory=BatchGrowthConfig)
     micro_batch_size: int = 8
     seed: int = 1234
     clip_grad: float = 1.0  # Megatron-LM's default; the paper gives none
@@ -191,7 +205,7 @@ class Config:
 
 
 # Fields holding token counts accept "250B", "1.5T", "1e12" as well as plain integers.
-TOKEN_FIELDS = {"train.tokens", "schedule.warmup", "schedule.decay"}
+TOKEN_FIELDS = {"train.tokens", "schedule.warmup", "schedule.decay", "train.batch_growth.min_interval"}
 
 
 _SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
@@ -287,7 +301,7 @@ def field_docs() -> List[Tuple[str, str, str]]:
                 continue
             name, kind = node.target.id, ast.unparse(node.annotation)
             if kind in classes:  # a section of Config
-                rows += documented(kind, f"{name}.")
+                rows += documented(kind, f"{prefix}{name}.")
                 continue
             line = lines[node.lineno - 1]
             above, i = [], node.lineno - 2

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from megatron_power.config.schema import NAME_PATTERN, Config, DataConfig, parse_blend, world_size_from_env
 from megatron_power.errors import ConfigError
-from megatron_power.training import schedule
+from megatron_power.training import batch_schedule, schedule
 
 
 def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = True) -> List[str]:
@@ -73,6 +73,8 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
              f"data-parallel rank (it reads the first one's gradient before the last has run); got "
              f"train.global_batch_size {t.global_batch_size} = {t.micro_batch_size} x {dp} ranks x "
              f"{t.global_batch_size // max(t.micro_batch_size * dp, 1)}")
+        probe_minimum = (p.pp + 1) * t.micro_batch_size * dp if t.noise_scale_interval else 0
+        errors += batch_schedule.validate(t, m.seq_length, t.micro_batch_size * dp, probe_minimum)
     need(c.train_steps >= 1, f"train.tokens ({t.tokens}) is less than one step "
          f"(global_batch_size x seq_length = {c.tokens_per_step} tokens)")
     need(c.checkpoint.interval > 0, f"checkpoint.interval must be positive, got {c.checkpoint.interval}")

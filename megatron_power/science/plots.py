@@ -24,26 +24,50 @@ def _save(fig, path) -> None:
 
 
 def plot_schedule(config, path: str) -> None:
+    """lr against tokens; with a batch schedule, the global batch against tokens below it (for a
+    batch grown by the noise scale, the lr at the floor and at the ceiling batch, its bounds)."""
+    from megatron_power.training.batch_schedule import NOISE_SCALE, scheduled_batch
+
     plt = _pyplot()
-    s, budget, batch = config.schedule, config.train.tokens, config.train.global_batch_size
+    s, t, seq = config.schedule, config.train, config.model.seq_length
+    budget = t.tokens
     warmup, decay = phase_tokens(s.warmup, budget), phase_tokens(s.decay, budget)
     tokens = np.unique(np.concatenate([
         np.geomspace(max(1.0, budget * 1e-6), budget, 2000),
         np.linspace(budget - decay, budget, 500) if decay else [],
     ]))
-    lrs = [learning_rate(n, s, budget, config.tokens_per_step) for n in tokens]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(tokens, lrs, color="C0", label=f"{s.kind} (batch {batch} x {config.model.seq_length})")
+    if t.batch_schedule == NOISE_SCALE:
+        curves = {f"batch {b}": [b] * len(tokens) for b in (t.global_batch_size, t.batch_growth.ceiling)}
+    else:
+        curves = {"batch": [scheduled_batch(t, n) for n in tokens]}
+    scheduled = t.batch_schedule is not None
+    fig, axes = plt.subplots(2 if scheduled else 1, 1, figsize=(8, 7 if scheduled else 4.5), sharex=True,
+                             squeeze=False)
+    ax = axes[0][0]
+    for i, (label, batches) in enumerate(curves.items()):
+        lrs = [learning_rate(n, s, budget, b * seq) for n, b in zip(tokens, batches)]
+        name = label if len(curves) > 1 else f"batch {t.global_batch_size}" if not scheduled else "scheduled batch"
+        ax.plot(tokens, lrs, color=f"C{3 * i}", label=f"{s.kind} ({name} x {seq})")
     if warmup:
         ax.axvspan(tokens[0], warmup, color="C1", alpha=0.15, label="warmup")
     if decay:
         ax.axvspan(budget - decay, budget, color="C2", alpha=0.15, label=f"decay ({s.decay_shape})")
     ax.set_xscale("log")
-    ax.set_xlabel("tokens seen")
     ax.set_ylabel("learning rate")
-    ax.set_title(f"{config.name}: lr against tokens")
+    ax.set_title(f"{config.name}: lr{' and batch' if scheduled else ''} against tokens")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    if scheduled:
+        below = axes[1][0]
+        for i, batches in enumerate(curves.values()):
+            below.plot(tokens, batches, color=f"C{3 * i}", drawstyle="steps-post")
+        if t.batch_schedule == NOISE_SCALE:
+            below.set_title(f"grows with the measured noise scale, between {t.global_batch_size} and "
+                            f"{t.batch_growth.ceiling}", fontsize=9)
+        below.set_yscale("log", base=2)
+        below.set_ylabel("global batch (sequences)")
+        below.grid(True, which="both", alpha=0.3)
+    axes[-1][0].set_xlabel("tokens seen")
     _save(fig, path)
 
 

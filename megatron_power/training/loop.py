@@ -18,6 +18,7 @@ from megatron_power.config.schema import (
 from megatron_power.errors import CheckpointError, ConfigError, NonFiniteError
 from megatron_power.ops import plan
 from megatron_power.training import checkpoint, hardware, run_lock, runtime
+from megatron_power.training.batch_schedule import NOISE_SCALE, change_line, grown_batch, scheduled_batch, steps_left
 from megatron_power.training.continued_dataset import reordered, samples_read
 from megatron_power.training.data import TokenizerInfo, build_datasets, micro_batches
 from megatron_power.training.metrics import MetricsLogger
@@ -42,8 +43,8 @@ class TrainState:
     noise_scale: dict = field(default_factory=lambda: asdict(NoiseScaleAverage()))
     # Training samples of each dataset that earlier stages read (continued_dataset.samples_read).
     samples_read_before: dict = field(default_factory=dict)
-
-
+    global_batch_size: int = 0  # of the next step (0: not yet decided)
+    batch_changes: list = field(default_factory=list)  # {"step", "tokens", "batch"}: the first step at a new batch
 
 
 
@@ -59,12 +60,27 @@ def _track_router(config: Config, step: int, num_microbatches: int, writer, expe
     expert_load.write(writer, step)
 
 
-def _track_noise_scale(state: TrainState, probe: FirstMicrobatchProbe, log: MetricsLogger) -> None:
+def _track_noise_scale(state: TrainState, probe: FirstMicrobatchProbe, log: MetricsLogger) -> float:
+    """Adds this step's measurement to the running averages; returns the averaged B_simple."""
     grad_sq, trace = probe.estimates()
     average = NoiseScaleAverage(**state.noise_scale)
     average.update(grad_sq, trace, NOISE_SCALE_DECAY)
     state.noise_scale = asdict(average)
     log.noise_scale(state.step, state.consumed_tokens, grad_sq, trace, average.b_simple)
+    return average.b_simple
+
+
+def _next_batch(config: Config, state: TrainState, b_simple=None) -> int:
+    """The global batch of the step after `state`: the token schedule's (or the fixed one), or,
+    growing with the noise scale, the batch in force unless this step's measurement grows it."""
+    t = config.train
+    if t.batch_schedule != NOISE_SCALE:
+        return scheduled_batch(t, state.consumed_tokens)
+    current = state.global_batch_size or t.global_batch_size
+    if b_simple is None:
+        return current
+    last_change = state.batch_changes[-1]["tokens"] if state.batch_changes else 0
+    return grown_batch(current, b_simple, state.consumed_tokens, last_change, t, config.model.seq_length)
 
 
 NOISE_SCALE_DECAY = 0.9  # per measurement; the estimate averages roughly the last ten
@@ -81,8 +97,12 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
         state = TrainState(**checkpoint.load(own, model, optimizer)["train_state"])
         return state, notes + [f"resumed from {own} at step {state.step} ({state.consumed_tokens:,} tokens)"]
     if config.checkpoint.init_from is None:
-        steps = config.train.tokens // config.tokens_per_step
-        return TrainState(), [f"starting {config.name}: {steps} steps of {config.tokens_per_step:,} tokens"]
+        t = config.train
+        if t.batch_schedule is None:
+            return TrainState(), [f"starting {config.name}: {config.train_steps} steps of {config.tokens_per_step:,} tokens"]
+        growth = (f"growing with the noise scale up to {t.batch_growth.ceiling}" if t.batch_schedule == NOISE_SCALE
+                  else f"{steps_left(t, config.model.seq_length, 0, 0)} steps")
+        return TrainState(), [f"starting {config.name}: {t.tokens:,} tokens, batch {t.global_batch_size}, {growth}"]
     source = checkpoint.resolve(Path(config.checkpoint.init_from))
     saved = checkpoint.saved_state(source)
     _check_same_model(f"checkpoint.init_from {source}", from_yaml(saved["config"]), config, vocab_size)
@@ -130,10 +150,7 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     expert_load = ExpertLoad(gpt_model, m.num_layers, m.num_experts, rt.device) if m.num_experts else None
     optimizer = build_optimizer(config, model)
     t = config.train
-    probe = None
-    if t.noise_scale_interval:
-        probe = FirstMicrobatchProbe(model, t.micro_batch_size, t.global_batch_size,
-                                     t.global_batch_size // (t.micro_batch_size * rt.dp), config.parallel.ep, rt.device)
+    seq = config.model.seq_length
     scheduler = TokenScheduler(optimizer, config.schedule, t.tokens, config.optim.weight_decay)
 
     ckpt_dir = config.checkpoint_dir
@@ -141,8 +158,11 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     train_data, valid_data = build_datasets(config, tokenizer, state.samples_read_before)
     messages += [f"note: {prefix} spans more than one epoch, so this stage reads it in a new order, not "
                  f"past the samples earlier stages read" for prefix in reordered(train_data)]
-    final_step = state.step + (t.tokens - state.consumed_tokens) // config.tokens_per_step
-    log = MetricsLogger(config, rt, optimizer, start_step=state.step, final_step=final_step)
+    state.global_batch_size = _next_batch(config, state)
+    batch = state.global_batch_size
+    final_step = state.step + steps_left(t, seq, state.consumed_tokens, batch)
+    log = MetricsLogger(config, rt, optimizer, start_step=state.step, final_step=final_step,
+                        start_tokens=state.consumed_tokens)
     for message in messages:
         log.info(message)
     log.info(f"hardware: {rt.hardware.describe()}")
@@ -162,16 +182,17 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
                             {"train_state": asdict(state), "config": to_yaml(config)}, config.checkpoint.keep)
 
     # The budget is in tokens, so a run resumed with another batch size ends where it should.
-    while state.consumed_tokens + config.tokens_per_step <= t.tokens:
-        lr = scheduler.step(state.consumed_tokens, config.tokens_per_step)
-        batches = micro_batches(train_data, state.consumed_samples, t.global_batch_size,
-                                t.micro_batch_size, rt.dp, rt.dp_rank)
-        measure = probe is not None and (state.step + 1) % t.noise_scale_interval == 0
-        result = train_step(config, model, optimizer, batches, rt, stop.requested, probe if measure else None)
+    while state.consumed_tokens + batch * seq <= t.tokens:
+        lr = scheduler.step(state.consumed_tokens, batch * seq)
+        batches = micro_batches(train_data, state.consumed_samples, batch, t.micro_batch_size, rt.dp, rt.dp_rank)
+        probe = None
+        if t.noise_scale_interval and (state.step + 1) % t.noise_scale_interval == 0:
+            probe = FirstMicrobatchProbe(model, t.micro_batch_size, batch, len(batches), config.parallel.ep, rt.device)
+        result = train_step(config, model, optimizer, batches, rt, stop.requested, probe)
 
         state.step += 1
-        state.consumed_samples += t.global_batch_size
-        state.consumed_tokens += config.tokens_per_step
+        state.consumed_samples += batch
+        state.consumed_tokens += batch * seq
         if result.finite:
             state.consecutive_nonfinite = 0
         else:
@@ -184,13 +205,20 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
                     f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or grad norm "
                     f"(last at step {state.step}); stopping. The last good checkpoint is "
                     f"{checkpoint.latest(ckpt_dir) or 'none (no checkpoint was saved yet)'}")
-        log.step(state.step, state.consumed_tokens, result.loss, lr, result.grad_norm, state.skipped_steps)
-        if measure and result.finite:
-            _track_noise_scale(state, probe, log)
+        log.step(state.step, state.consumed_tokens, result.loss, lr, result.grad_norm, state.skipped_steps, batch)
+        b_simple = _track_noise_scale(state, probe, log) if probe and result.finite else None
         if expert_load is not None:
             _track_router(config, state.step, len(batches), log.writer, expert_load)
+        # Decided before the checkpoint, which then holds the batch the next step uses.
+        state.global_batch_size = _next_batch(config, state, b_simple)
+        if state.global_batch_size != batch:
+            state.batch_changes.append({"step": state.step + 1, "tokens": state.consumed_tokens,
+                                        "batch": state.global_batch_size})
+            log.info(change_line(state.step + 1, state.consumed_tokens, batch, state.global_batch_size, b_simple))
+            batch = state.global_batch_size
+            log.final_step = state.step + steps_left(t, seq, state.consumed_tokens, batch)
 
-        last = state.consumed_tokens + config.tokens_per_step > t.tokens
+        last = state.consumed_tokens + batch * seq > t.tokens
         if state.step % t.eval_interval == 0 or last:
             log.validation(state.step, state.consumed_tokens, evaluate(config, model, valid_data, rt))
         # A skipped step changed nothing worth saving; the last good checkpoint stays the latest.

@@ -42,11 +42,12 @@ def _open_from(path, start_step: int):
 class MetricsLogger:
     """Only the logging rank (last pipeline stage) writes; other ranks keep quiet."""
 
-    def __init__(self, config, rt, optimizer, start_step: int, final_step: int):
+    def __init__(self, config, rt, optimizer, start_step: int, final_step: int, start_tokens: int = 0):
         self.config, self.rt, self.optimizer = config, rt, optimizer
         self.active = rt.is_logger
         self.start_time = self.window_time = time.time()
-        self.start_step = self.window_step = start_step
+        self.start_step = start_step
+        self.start_tokens = self.window_tokens = start_tokens
         self.final_step = final_step
         self.names = group_names(optimizer)
         self.writer = None
@@ -67,7 +68,7 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
 
-    def step(self, step, tokens, loss, lr, grad_norm, skipped) -> None:
+    def step(self, step, tokens, loss, lr, grad_norm, skipped, batch) -> None:
         if not self.active:
             return
         w = self.writer
@@ -75,10 +76,12 @@ class MetricsLogger:
         w.add_scalar("train/grad_norm", grad_norm, step)
         w.add_scalar("train/skipped_steps", skipped, step)
         w.add_scalar("train/tokens", tokens, step)
+        w.add_scalar("train/global_batch_size", batch, step)
+        w.add_scalar("batch-vs-tokens/global_batch_size", batch, tokens)
         for name, group in zip(self.names, self.optimizer.param_groups):
             w.add_scalar(f"lr/{name}", group["lr"], step)
             w.add_scalar(f"lr-vs-tokens/{name}", group["lr"], tokens)
-        row = dict(step=step, tokens=tokens, loss=loss, lr=lr, grad_norm=grad_norm,
+        row = dict(step=step, tokens=tokens, batch=batch, loss=loss, lr=lr, grad_norm=grad_norm,
                    time=round(time.time() - self.start_time, 4))
         if self.rt.hardware.cuda:  # this rank's peak, to hold against the planner's estimate
             row["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -89,15 +92,15 @@ class MetricsLogger:
         if step % interval and step != total and step != self.start_step + 1:
             return
         now = time.time()
-        steps = step - self.window_step
-        tokens_per_s = steps * self.config.tokens_per_step / max(now - self.window_time, 1e-9)
+        tokens_per_s = (tokens - self.window_tokens) / max(now - self.window_time, 1e-9)
         w.add_scalar("throughput/tokens_per_s", tokens_per_s, step)
-        per_step = (now - self.start_time) / max(step - self.start_step, 1)
+        # By tokens, which a growing batch keeps comparable from step to step.
+        per_token = (now - self.start_time) / max(tokens - self.start_tokens, 1)
         print(f"step {step}/{total} | tokens {format_count(tokens, '.2f')} | loss {loss:.4f} | lr {lr:.3e} | "
               f"grad {grad_norm:.3f} | {format_count(tokens_per_s, '.2f')} tok/s | "
-              f"elapsed {_duration(now - self.start_time)} | eta {_duration(per_step * (total - step))}",
+              f"elapsed {_duration(now - self.start_time)} | eta {_duration(per_token * (self.config.train.tokens - tokens))}",
               flush=True)
-        self.window_time, self.window_step = now, step
+        self.window_time, self.window_tokens = now, tokens
 
     def validation(self, step, tokens, loss) -> None:
         if not self.active:

@@ -154,14 +154,18 @@ class TokenScheduler:
 
 
 def schedule_table(config, token_counts: List[int]) -> List[str]:
-    """One line per token count: the base lr and the lr of each parameter group."""
-    batch_tokens, budget = config.tokens_per_step, config.train.tokens
+    """One line per token count: the global batch in force, the base lr and the lr of each
+    parameter group. A batch grown by the noise scale is not known in advance: there, the lines
+    are at the floor batch (a larger batch raises the Power lr in proportion, up to lr_max)."""
+    from megatron_power.training.batch_schedule import NOISE_SCALE, scheduled_batch
     from megatron_power.training.mup import group_base_lrs
 
+    t, seq = config.train, config.model.seq_length
     bases = group_base_lrs(config)
-    lines = [f"{'tokens':>18}  {'lr':>10}  " + "  ".join(f"{name:>16}" for name in bases)]
+    lines = [f"{'tokens':>18}  {'batch':>6}  {'lr':>10}  " + "  ".join(f"{name:>16}" for name in bases)]
     for n in token_counts:
-        lr = learning_rate(n, config.schedule, budget, batch_tokens)
+        batch = t.global_batch_size if t.batch_schedule == NOISE_SCALE else scheduled_batch(t, n)
+        lr = learning_rate(n, config.schedule, t.tokens, batch * seq)
         factor = lr / config.schedule.lr_max
-        lines.append(f"{n:>18,}  {lr:>10.4e}  " + "  ".join(f"{factor * b:>16.4e}" for b in bases.values()))
+        lines.append(f"{n:>18,}  {batch:>6}  {lr:>10.4e}  " + "  ".join(f"{factor * b:>16.4e}" for b in bases.values()))
     return lines
