@@ -190,7 +190,14 @@ def _sweep(args) -> int:
     if args.jobs:
         spec.jobs = args.jobs
     processes = args.gpus_per_node if args.slurm else 1
-    grid = sweep.check(spec, world_size=processes)
+    grid = sweep.check(spec, world_size=processes, check_paths=not args.plan)
+    if args.plan:
+        from megatron_power.config import format_count
+
+        cost = sweep.compute_plan(grid, args.peak_tflops, args.mfu)
+        print(f"{spec.name}: {cost.runs} runs, {format_count(cost.tokens, '.4g')} tokens, {cost.flops:.3g} FLOPs; "
+              f"{cost.gpu_hours:,.1f} GPU-hours at {cost.peak_tflops:g} TFLOP/s x {cost.mfu:.0%} MFU (assumed)")
+        return 0
     if args.collect:
         results = sweep.collect(spec, grid)
         print(f"wrote {results}")
@@ -381,6 +388,11 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--collect", action="store_true", help="only write results.csv from the runs on disk")
     sweep.add_argument("--slurm", action="store_true", help="submit the unfinished points as a SLURM job array")
     sweep.add_argument("--max-running", type=int, help="SLURM: array tasks running at once")
+    sweep.add_argument("--plan", action="store_true",
+                       help="print the runs, tokens and estimated GPU-hours; run nothing")
+    sweep.add_argument("--peak-tflops", type=float, default=989.0, help="--plan: dense bf16 peak (H100 SXM: 989)")
+    sweep.add_argument("--mfu", type=float, default=0.3,
+                       help="--plan: assumed model FLOPs utilisation (dense3b measured 38%% on one H100; proxies run lower)")
     _slurm_options(sweep, gpus_per_node=1)
     sweep.set_defaults(run=_sweep)
 

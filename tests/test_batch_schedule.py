@@ -90,7 +90,9 @@ def test_growth_rule():
 
 
 BAD = [
-    ("[[0,16],[1000,32]]", "train.batch_schedule: 0 to 1,000 tokens is not a whole number of steps of batch 16"),
+    ("[[0,16],[1000,32]]", "train.batch_schedule: the last batch (32, 4,096 tokens per step) from 2,048 tokens does "
+                           "not end on the budget train.tokens (65,536); nearest budgets reached exactly: 63,488 or "
+                           "67,584"),
     ("[[0,16],[8192,20]]", "train.batch_schedule[1]: batch 20 must be divisible by train.micro_batch_size x "
                            "data-parallel size (8)"),
     ("[[8192,32],[4096,64]]", "train.batch_schedule[1]: tokens must increase from one change to the next"),

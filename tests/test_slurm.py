@@ -33,8 +33,10 @@ def make_submit(env, *variables):
 
 @pytest.mark.slow
 def test_time_limited_job_requeues_and_matches_a_local_run(cluster, default_data, tmp_path):
-    overrides = SMALL + [f"train.tokens={STEPS * 2048}", "train.log_interval=1", f"train.eval_interval={STEPS // 2}",
-                         "checkpoint.interval=1000"]
+    # Half the tokens at 16 sequences per step, half at 32: the requeue resumes across a batch change.
+    overrides = SMALL + [f"train.tokens={STEPS * 2048}", f"train.batch_schedule=[[0,16],[{STEPS // 2 * 2048},32]]",
+                         "train.log_interval=1", f"train.eval_interval={STEPS // 2}", "checkpoint.interval=1000"]
+    steps = STEPS // 2 + STEPS // 4
     # Two minutes, the warning 60 s before the limit (SLURM may deliver it some seconds late):
     # the first run is stopped part of the way (a run takes about 90 s), a requeued one finishes.
     result = make_submit(cluster.env, "RECIPE=proxy", "NODES=1", "GPUS_PER_NODE=2", "CPU=1", "TIME=2",
@@ -54,7 +56,7 @@ def test_time_limited_job_requeues_and_matches_a_local_run(cluster, default_data
 
     train, valid = metrics(tmp_path / f"slurm-{job_id}")
     expected_train, expected_valid = metrics(tmp_path / "local")
-    assert sorted(train) == list(range(1, STEPS + 1))
+    assert sorted(train) == list(range(1, steps + 1))
     assert train == pytest.approx(expected_train, abs=1e-6)
     assert valid == pytest.approx(expected_valid, abs=1e-6)
 

@@ -206,3 +206,35 @@ def test_point_directory_of_another_config_is_refused(tmp_path, monkeypatch):
     (config.run_dir / "config.yaml").write_text(to_yaml(changed))
     with pytest.raises(ConfigError, match=r"was run with another config \(train.eval_batches: 7 -> 4\)"):
         sweep.check(spec, check_paths=False)
+
+
+def test_plan_prints_runs_tokens_and_gpu_hours_before_anything_runs(tmp_path):
+    from megatron_power.ops import plan
+    from megatron_power.science import sweep
+
+    grid = {"train.tokens": ["1B", "4B"], "train.global_batch_size": [16, 32], "width": [64, 128]}
+    path = write_spec(tmp_path / "spec.yaml", tmp_path / "sweeps", grid)
+    path.write_text(path.read_text().replace("overrides:\n", "overrides:\n  - model.vocab_size=49152\n"))
+    out = subprocess.run(command("sweep", str(path), "--plan", "--mfu", "0.4"), cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    # GPU-hours = sum over runs of tokens x FLOPs per token / (peak x MFU): each width's own FLOPs.
+    expected = 0.0
+    for point in sweep.check(sweep.load_spec(str(path)), check_paths=False):
+        c = point.config
+        expected += c.train.tokens * plan.flops_per_token(c, plan.count_parameters(c, 49152))
+    hours = expected / (989e12 * 0.4) / 3600
+    assert out.startswith(f"grid: 8 runs, 20B tokens, {expected:.3g} FLOPs; {hours:,.1f} GPU-hours at 989 TFLOP/s "
+                          f"x 40% MFU (assumed)")
+    assert not (tmp_path / "sweeps").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("name,runs", [("paper_wsd_grid", 1152), ("paper_power_search", 525)])
+def test_paper_sweeps_are_valid_specs(name, runs):
+    from megatron_power.science import sweep
+
+    spec = sweep.load_spec(name)
+    grid = sweep.points(spec)
+    assert len(grid) == runs
+    for point in (grid[0], grid[-1]):  # the smallest and largest corner (checking all 1152 takes minutes)
+        config = sweep.point_config(spec, point, check_paths=False)
+        assert config.model.seq_length == 4096 and config.model.num_layers == 32 and config.mup.enabled

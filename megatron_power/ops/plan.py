@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from megatron_power.training.batch_schedule import batch_sizes
+
 GIB = 2**30
 
 
@@ -112,7 +114,7 @@ def memory_per_gpu(config, counts: ParamCounts, gpus: int) -> Memory:
     s, b, h, a = m.seq_length, t.micro_batch_size, m.hidden_size, m.num_attention_heads
     layers = m.num_layers / p.pp
     # In-flight micro-batches on the first stage under 1F1B: as many as there are stages.
-    in_flight = min(p.pp, t.global_batch_size // (b * dp))
+    in_flight = min(p.pp, max(batch_sizes(t, s)) // (b * dp))
     sp = p.tp if p.sequence_parallel else 1
     per_layer_full = s * b * h * (10 / sp + 24 / p.tp + 5 * a * s / (h * p.tp))
     per_layer = {"none": per_layer_full,

@@ -39,7 +39,7 @@ def plot_schedule(config, path: str) -> None:
     if t.batch_schedule == NOISE_SCALE:
         curves = {f"batch {b}": [b] * len(tokens) for b in (t.global_batch_size, t.batch_growth.ceiling)}
     else:
-        curves = {"batch": [scheduled_batch(t, n) for n in tokens]}
+        curves = {"batch": [scheduled_batch(t, seq, n) for n in tokens]}
     scheduled = t.batch_schedule is not None
     fig, axes = plt.subplots(2 if scheduled else 1, 1, figsize=(8, 7 if scheduled else 4.5), sharex=True,
                              squeeze=False)

@@ -72,6 +72,7 @@ class Point:
     name: str
     values: Dict[str, Any]  # grid key -> value
     overrides: List[str]  # the recipe overrides of this point, grid values last
+    config: Any = None  # its validated Config, once check() has made it
 
 
 def spec_path(spec: str) -> Path:
@@ -127,12 +128,13 @@ def _width_overrides(spec: SweepSpec, width: int) -> List[str]:
 def points(spec: SweepSpec) -> List[Point]:
     keys = list(spec.grid)
     result = []
+    widths = {int(w): _width_overrides(spec, int(w)) for w in spec.grid.get("width", [])}
     for index, combo in enumerate(itertools.product(*(spec.grid[k] for k in keys))):
         values = dict(zip(keys, combo))
         overrides = list(spec.overrides)
         for key, value in values.items():
             if key == "width":
-                overrides += _width_overrides(spec, int(value))
+                overrides += widths[int(value)]
             else:
                 text = _format(value) if not isinstance(value, bool) else str(value).lower()
                 if re.search(r"\s", text):
@@ -140,8 +142,9 @@ def points(spec: SweepSpec) -> List[Point]:
                 overrides.append(f"{key}={text}")
         if spec.eval_sequences:
             try:
-                batch = load_config(spec.recipe, overrides, check_paths=False).train.global_batch_size
-            except ConfigError:
+                batch = int(values["train.global_batch_size"]) if "train.global_batch_size" in values else \
+                    load_config(spec.recipe, overrides, check_paths=False).train.global_batch_size
+            except (ConfigError, ValueError):
                 batch = spec.eval_sequences  # the point is refused by check(), with its problem
             if spec.eval_sequences % batch:
                 raise ConfigError(f"sweep eval_sequences ({spec.eval_sequences}) must be a multiple of every "
@@ -177,7 +180,7 @@ def check(spec: SweepSpec, world_size: int = 1, check_paths: bool = True) -> Lis
     grid = points(spec)
     for point in grid:
         try:
-            config = point_config(spec, point, world_size, check_paths)
+            config = point.config = point_config(spec, point, world_size, check_paths)
         except ConfigError as e:
             for line in str(e).splitlines():
                 problems.setdefault(line, []).append(point.name)
@@ -193,6 +196,40 @@ def check(spec: SweepSpec, world_size: int = 1, check_paths: bool = True) -> Lis
         raise ConfigError("\n".join(f"{line} ({names[0]}" + (f" and {len(names) - 1} more points)" if len(names) > 1 else ")")
                                     for line, names in problems.items()))
     return grid
+
+
+@dataclass
+class ComputePlan:
+    """What a sweep costs on GPUs before anything is submitted, from the planner's FLOPs per token."""
+
+    runs: int
+    tokens: int  # summed over the runs
+    flops: float  # summed over the runs: each run's tokens x its model's training FLOPs per token
+    peak_tflops: float
+    mfu: float  # assumed
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.flops / (self.peak_tflops * 1e12 * self.mfu) / 3600
+
+
+def compute_plan(grid: List[Point], peak_tflops: float, mfu: float) -> ComputePlan:
+    """GPU-hours = sum over runs of tokens x FLOPs per token / (peak x MFU), for a checked grid."""
+    from megatron_power.ops import plan
+
+    per_model: Dict[str, float] = {}  # FLOPs per token of each distinct model shape, counted once
+    tokens = flops = 0
+    for point in grid:
+        config = point.config
+        key = repr(config.model)
+        if key not in per_model:
+            vocab = config.model.vocab_size
+            if vocab is None:
+                raise ConfigError(f"sweep --plan needs model.vocab_size in the spec's overrides (point {point.name})")
+            per_model[key] = plan.flops_per_token(config, plan.count_parameters(config, vocab))
+        tokens += config.train.tokens
+        flops += config.train.tokens * per_model[key]
+    return ComputePlan(len(grid), tokens, flops, peak_tflops, mfu)
 
 
 class Status(str, Enum):

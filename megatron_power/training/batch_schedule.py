@@ -8,9 +8,9 @@ that changes mid-run without retuning.
 
 `train.batch_schedule` is one of
 - null: `train.global_batch_size` throughout;
-- a list of [tokens, batch] pairs: from `tokens` seen on, `batch` sequences per step (before the
-  first pair, `train.global_batch_size`). Each stretch holds a whole number of its steps, so every
-  change falls on a step boundary and the run ends on its budget exactly;
+- a list of [tokens, batch] pairs: from `tokens` seen on (rounded up to the next step boundary),
+  `batch` sequences per step (before the first pair, `train.global_batch_size`); the last batch
+  must end on the budget exactly;
 - `noise_scale`: starting at `train.global_batch_size` (the floor), the batch grows to the allowed
   size nearest `train.batch_growth.factor` x the measured B_simple (probes/noise_scale.py), never
   shrinks, changes only right after a measurement and no sooner than `batch_growth.min_interval`
@@ -33,25 +33,29 @@ from megatron_power.config.schema import format_count, parse_count
 NOISE_SCALE = "noise_scale"
 
 
-def token_steps(train) -> List[Tuple[int, int]]:
+def token_steps(train, seq_length: int) -> List[Tuple[int, int]]:
     """A token schedule as (tokens from which, batch) pairs, the first at 0 tokens; one pair for a
-    fixed batch. (Call only for a validated config that is not `noise_scale`.)"""
-    pairs = [(parse_count(tokens), int(batch)) for tokens, batch in (train.batch_schedule or [])]
-    if not pairs or pairs[0][0] > 0:
-        pairs.insert(0, (0, train.global_batch_size))
+    fixed batch. A change takes effect at the first step boundary at or after its token count.
+    (Call only for a validated config that is not `noise_scale`.)"""
+    asked = [(parse_count(tokens), int(batch)) for tokens, batch in (train.batch_schedule or [])]
+    pairs = [(0, asked.pop(0)[1] if asked and asked[0][0] == 0 else train.global_batch_size)]
+    for tokens, batch in asked:
+        start, current = pairs[-1]
+        step = current * seq_length
+        pairs.append((start + -(-(tokens - start) // step) * step, batch))
     return pairs
 
 
-def scheduled_batch(train, tokens: int) -> int:
+def scheduled_batch(train, seq_length: int, tokens: int) -> int:
     """The batch in force after `tokens` under a fixed or token-stepped schedule."""
-    return [batch for start, batch in token_steps(train) if start <= tokens][-1]
+    return [batch for start, batch in token_steps(train, seq_length) if start <= tokens][-1]
 
 
-def batch_sizes(train) -> List[int]:
+def batch_sizes(train, seq_length: int) -> List[int]:
     """Every batch size the schedule may use, smallest first."""
     if train.batch_schedule == NOISE_SCALE:
         return growth_sizes(train.global_batch_size, train.batch_growth.ceiling)
-    return sorted({batch for _, batch in token_steps(train)})
+    return sorted({batch for _, batch in token_steps(train, seq_length)})
 
 
 def growth_sizes(floor: int, ceiling: int) -> List[int]:
@@ -78,7 +82,7 @@ def steps_left(train, seq_length: int, tokens: int, batch: int) -> int:
     for `noise_scale` (whose later batches are not known yet)."""
     if train.batch_schedule == NOISE_SCALE:
         return (train.tokens - tokens) // (batch * seq_length)
-    steps, pairs = 0, token_steps(train)
+    steps, pairs = 0, token_steps(train, seq_length)
     for (start, size), end in zip(pairs, [p[0] for p in pairs[1:]] + [train.tokens]):
         steps += max(0, end - max(start, tokens)) // (size * seq_length)
     return steps
@@ -125,14 +129,17 @@ def validate(train, seq_length: int, per_step_unit: int, probe_minimum: int) -> 
         pairs.append((tokens, batch))
     if errors:
         return errors
-    if pairs[0][0] > 0:
-        pairs.insert(0, (0, train.global_batch_size))
-    for (start, batch), end in zip(pairs, [p[0] for p in pairs[1:]] + [budget]):
-        step = batch * seq_length
-        if (end - start) % step:
-            errors.append(f"train.batch_schedule: {start:,} to {end:,} tokens is not a whole "
-                          f"number of steps of batch {batch} ({step:,} tokens each); the budget would not be "
-                          f"reached exactly")
+    realized = token_steps(train, seq_length)
+    start, batch = realized[-1]
+    step = batch * seq_length
+    if start >= budget:
+        errors.append(f"train.batch_schedule: its last change, rounded up to a step boundary, lands at {start:,} "
+                      f"tokens, at or past the budget train.tokens ({budget:,})")
+    elif (budget - start) % step:
+        below = start + (budget - start) // step * step
+        errors.append(f"train.batch_schedule: the last batch ({batch}, {step:,} tokens per step) from {start:,} "
+                      f"tokens does not end on the budget train.tokens ({budget:,}); nearest budgets reached "
+                      f"exactly: {below:,} or {below + step:,}")
     return errors
 
 

@@ -75,7 +75,7 @@ def _next_batch(config: Config, state: TrainState, b_simple=None) -> int:
     growing with the noise scale, the batch in force unless this step's measurement grows it."""
     t = config.train
     if t.batch_schedule != NOISE_SCALE:
-        return scheduled_batch(t, state.consumed_tokens)
+        return scheduled_batch(t, config.model.seq_length, state.consumed_tokens)
     current = state.global_batch_size or t.global_batch_size
     if b_simple is None:
         return current

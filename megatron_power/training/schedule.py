@@ -164,7 +164,7 @@ def schedule_table(config, token_counts: List[int]) -> List[str]:
     bases = group_base_lrs(config)
     lines = [f"{'tokens':>18}  {'batch':>6}  {'lr':>10}  " + "  ".join(f"{name:>16}" for name in bases)]
     for n in token_counts:
-        batch = t.global_batch_size if t.batch_schedule == NOISE_SCALE else scheduled_batch(t, n)
+        batch = t.global_batch_size if t.batch_schedule == NOISE_SCALE else scheduled_batch(t, seq, n)
         lr = learning_rate(n, config.schedule, t.tokens, batch * seq)
         factor = lr / config.schedule.lr_max
         lines.append(f"{n:>18,}  {batch:>6}  {lr:>10.4e}  " + "  ".join(f"{factor * b:>16.4e}" for b in bases.values()))
