@@ -107,6 +107,37 @@ def test_fit_recovers_a_known_power_law(tmp_path):
     assert OmegaConf.create(fragment).schedule.a == pytest.approx(law.a, rel=1e-5)
 
 
+def test_fit_recovers_the_optimal_batch_and_the_lr_sensitivity_against_tokens(tmp_path):
+    """Time Transfer's two other laws on a surface that holds them exactly: B*(T) = 0.01 T**0.5
+    (a parabola in log batch around it) and a curvature in log lr of 2 x 0.04 (T / 1e8)**-0.3."""
+    rows = []
+    for tokens in (1e8, 4e8, 1.6e9, 6.4e9):
+        width = 0.04 * (tokens / 1e8) ** -0.3
+        for batch in (16, 32, 64, 128, 256, 512, 1024, 2048):
+            optimum = batch * 4.6 * tokens**-0.51
+            for lr in [1e-5 * 2**k for k in range(18)]:  # every lr optimum inside the grid
+                loss = 3 + width * math.log(lr / optimum) ** 2 + 0.02 * math.log(batch / (0.01 * tokens**0.5)) ** 2
+                rows.append({"point": f"{tokens}-{batch}-{lr}", "status": "finished", "tokens": int(tokens),
+                             "batch": batch, "lr": lr, "width": 256, "mup": True, "seq_length": 4096,
+                             "reference_seq_length": 4096, "valid_loss": loss, "b_simple": None})
+    opts = fit.optima(rows)
+    b_star = fit.optimal_batches(opts)
+    assert [b for _, b, _ in b_star] == pytest.approx([100, 200, 400, 800], rel=1e-6)
+    law = fit.power_law([t for t, _, _ in b_star], [b for _, b, _ in b_star])
+    assert law.b == pytest.approx(0.5, abs=1e-6) and law.a == pytest.approx(0.01, rel=1e-5)
+    sensitivity = fit.lr_sensitivity(opts, 3)
+    assert [k for _, k in sensitivity] == pytest.approx([0.08 * (t / 1e8) ** -0.3 for t, _ in sensitivity], rel=1e-6)
+
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    report = "\n".join(fit.run(path, tmp_path / "out"))
+    assert "optimal batch size B*(T) = 0.01 +- " in report and "T**0.500 +- " in report
+    assert "lr sensitivity" in report and "T**-0.300 +- " in report
+
+
 def test_a_fit_at_short_sequences_gives_the_scheduler_its_optima(tmp_path):
     """A sweep at 128-token sequences: the fitted (a, b), put into a recipe at that sequence length,
     make the Power scheduler return the optimum the fit found at each (T, batch) of the sweep."""

@@ -7,8 +7,11 @@
    batch in sequences of `schedule.reference_seq_length` tokens, as the scheduler counts it, so the
    fitted a and b go into a recipe unchanged at any sequence length.
 3. A least-squares line log(gamma) = log(a) + b log(T), with standard errors from its residuals.
-Besides: how far the optimum moves across widths with and without muP (grid steps), and the
-gradient noise scale B_simple against T with its own power law.
+Besides, each with its power law in T and standard errors, as Time Transfer (arXiv 2410.05838)
+reports them: the optimal batch size B*(T) (a parabola in log batch through the optimum losses of
+the batch sizes at each T); the lr sensitivity, the curvature of the loss in log lr at the optimum
+(which that paper finds shrinking with T); and the gradient noise scale B_simple at each optimum.
+And how far the optimum moves across widths with and without muP (grid steps).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Optimum:
     at_edge: bool  # the best lr is the smallest or largest of the grid: the true optimum may lie outside
     grid_index: int  # of the best grid point, in the sorted learning rates
     beta: float  # the batch in reference-length sequences (training/schedule.reference_batch)
+    curvature: float = math.nan  # d2 loss / d(ln lr)2 at the optimum; nan at the grid's edge or not convex
 
     @property
     def gamma(self) -> float:
@@ -88,6 +92,13 @@ def family_label(key: Tuple) -> str:
 def optimal_lr(lrs: List[float], losses: List[Optional[float]]) -> Tuple[float, float, bool, int]:
     """(lr_opt, loss there, at the grid's edge, index of the best grid point) over a lr grid; a
     diverged run (loss inf or missing) counts as worse than any finite one."""
+    lr, loss, at_edge, best, _ = _parabola_optimum(lrs, losses)
+    return lr, loss, at_edge, best
+
+
+def _parabola_optimum(lrs, losses):
+    """optimal_lr's answer and the parabola's curvature in log x there (nan where none is fitted):
+    for any quantity swept on a doubling grid, the lr or the batch size."""
     order = np.argsort(lrs)
     grid = np.asarray(lrs, dtype=float)[order]
     x = np.log(grid)
@@ -98,12 +109,12 @@ def optimal_lr(lrs: List[float], losses: List[Optional[float]]) -> Tuple[float, 
     at_edge = best in (0, len(x) - 1)
     window = [i for i in range(best - 2, best + 3) if 0 <= i < len(x) and np.isfinite(y[i])]
     if at_edge or len(window) < 3:
-        return float(grid[best]), float(y[best]), at_edge, best
+        return float(grid[best]), float(y[best]), at_edge, best, math.nan
     c2, c1, c0 = np.polyfit(x[window], y[window], 2)
     if c2 <= 0:
-        return float(grid[best]), float(y[best]), False, best
+        return float(grid[best]), float(y[best]), False, best, math.nan
     vertex = float(np.clip(-c1 / (2 * c2), x[best - 1], x[best + 1]))
-    return math.exp(vertex), float(np.polyval([c2, c1, c0], vertex)), False, best
+    return math.exp(vertex), float(np.polyval([c2, c1, c0], vertex)), False, best, 2 * float(c2)
 
 
 def optima(rows: List[dict]) -> List[Optimum]:
@@ -116,10 +127,34 @@ def optima(rows: List[dict]) -> List[Optimum]:
     for (tokens, batch), group in sorted(groups.items()):
         if len({r["lr"] for r in group}) < 2:
             continue
-        lr, loss, at_edge, index = optimal_lr([r["lr"] for r in group], [r["valid_loss"] for r in group])
+        lr, loss, at_edge, index, curvature = _parabola_optimum([r["lr"] for r in group],
+                                                                 [r["valid_loss"] for r in group])
         beta = batch * group[0]["seq_length"] / group[0]["reference_seq_length"]
-        result.append(Optimum(tokens, batch, lr, loss, at_edge, index, beta))
+        result.append(Optimum(tokens, batch, lr, loss, at_edge, index, beta, curvature))
     return result
+
+
+def optimal_batches(opts: List[Optimum]) -> List[Tuple[int, float, bool]]:
+    """(T, B*, at the batch grid's edge) for each T with three batch sizes or more: the batch that
+    minimises the optimum loss, from a parabola in log batch as optimal_lr does in log lr."""
+    by_tokens: Dict[int, List[Optimum]] = defaultdict(list)
+    for o in opts:
+        by_tokens[o.tokens].append(o)
+    result = []
+    for tokens, group in sorted(by_tokens.items()):
+        if len(group) >= 3:
+            batch, _, at_edge, _ = optimal_lr([o.batch for o in group], [o.loss for o in group])
+            result.append((tokens, batch, at_edge))
+    return result
+
+
+def lr_sensitivity(opts: List[Optimum], count: int) -> List[Tuple[int, float]]:
+    """(T, mean curvature of the loss in ln lr at the optimum over the best `count` batch sizes)."""
+    by_tokens: Dict[int, List[float]] = defaultdict(list)
+    for o in best_batches(opts, count):
+        if math.isfinite(o.curvature):
+            by_tokens[o.tokens].append(o.curvature)
+    return [(t, float(np.mean(c))) for t, c in sorted(by_tokens.items())]
 
 
 def power_law(x: List[float], y: List[float]) -> PowerLaw:
@@ -255,12 +290,27 @@ def run(results: Path, out: Path, count: int = 3) -> List[str]:
         fragment.write_text(yaml_fragment(law, results, members[0]["reference_seq_length"], len(members)))
         plots.plot_gamma_fit(opts, chosen, law, out / f"gamma_fit{suffix}.png", label)
         lines.append(f"[{label}] wrote {fragment}")
+        b_star = optimal_batches(opts)
+        if len(b_star) >= 2:
+            batch_law = power_law([t for t, _, _ in b_star], [b for _, b, _ in b_star])
+            edge = [f"{t:,}" for t, _, at_edge in b_star if at_edge]
+            lines.append(f"[{label}] optimal batch size B*(T) = {batch_law.a:.3g} +- {batch_law.sigma_a:.2g} * T**"
+                         f"{batch_law.b:.3f} +- {batch_law.sigma_b:.2g} sequences ("
+                         + ", ".join(f"T {t:,}: {b:.0f}" for t, b, _ in b_star) + ")"
+                         + (f"; at the batch grid's edge at T {', '.join(edge)}: widen the batch range" if edge else ""))
+        sensitivity = lr_sensitivity(opts, count)
+        if len(sensitivity) >= 2:
+            law_k = power_law([t for t, _ in sensitivity], [k for _, k in sensitivity])
+            lines.append(f"[{label}] lr sensitivity, d2 loss / d(ln lr)2 at the optimum (best {count} batch sizes): "
+                         f"{law_k.a:.3g} +- {law_k.sigma_a:.2g} * T**{law_k.b:.3f} +- {law_k.sigma_b:.2g} ("
+                         + ", ".join(f"T {t:,}: {k:.3g}" for t, k in sensitivity) + ")")
         noise = noise_scale_points(members, opts)
         if len({t for t, _, _ in noise}) >= 2:
             noise_law = power_law([t for t, _, _ in noise], [b for _, _, b in noise])
             plots.plot_noise_scale(noise, noise_law, out / f"noise_scale{suffix}.png", label)
-            lines.append(f"[{label}] gradient noise scale at each optimum: B_simple = {noise_law.a:.3g} * T**"
-                         f"{noise_law.b:.2f} +- {noise_law.sigma_b:.2f} sequences (Time Transfer: B_crit grows like T)")
+            lines.append(f"[{label}] gradient noise scale at each optimum: B_simple = {noise_law.a:.3g} +- "
+                         f"{noise_law.sigma_a:.2g} * T**{noise_law.b:.2f} +- {noise_law.sigma_b:.2f} sequences "
+                         f"(Time Transfer: B_crit grows like T)")
     transfer = transfer_rows(done)
     if transfer:
         tokens, batch = transfer[0]["tokens"], transfer[0]["batch"]
