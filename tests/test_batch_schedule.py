@@ -11,14 +11,15 @@ from megatron_power.errors import ConfigError
 from megatron_power.training.batch_schedule import grown_batch
 
 SEQ = 128
+SHALLOW = SMALL + ["model.num_layers=2"]  # half the proxy's depth: what is tested is the batch, not the model
 # Six steps of 16 sequences, then six of 32; a checkpoint at step 6, where the batch changes.
 CHANGE = 6 * 16 * SEQ
-TOKEN_SCHEDULE = SMALL + [f"train.batch_schedule=[[0,16],[{CHANGE},32]]", f"train.tokens={CHANGE + 6 * 32 * SEQ}",
+TOKEN_SCHEDULE = SHALLOW + [f"train.batch_schedule=[[0,16],[{CHANGE},32]]", f"train.tokens={CHANGE + 6 * 32 * SEQ}",
                           "schedule.a=0.32", "schedule.b=-0.51", "schedule.lr_max=0.01", "schedule.warmup=0",
                           "schedule.decay=0",
                           "checkpoint.interval=6"]
 # Measured every second step; the batch may double twice, from 16 to 64.
-NOISE_SCALE = SMALL + ["train.batch_schedule=noise_scale", "train.noise_scale_interval=2",
+NOISE_SCALE = SHALLOW + ["train.batch_schedule=noise_scale", "train.noise_scale_interval=2",
                        "train.batch_growth.ceiling=64", "train.batch_growth.factor=2", f"train.tokens={20 * 16 * SEQ}",
                        "checkpoint.interval=2"]
 

@@ -1,5 +1,5 @@
 """Parallel layouts over gloo reproduce the single-process losses step by step, with muP on (the
-proxy recipe's default) and a global batch that doubles halfway, and, where each rank sees the whole global batch (TP, PP), the gradient
+proxy recipe's default) and a global batch that doubles for the last two steps, and, where each rank sees the whole global batch (TP, PP), the gradient
 noise scale's per-step estimates too: the first micro-batch's gradient is then the same one,
 assembled from TP shards, sequence-parallel parts and the tied embedding's two pipeline copies.
 
@@ -25,9 +25,9 @@ from megatron_power.config import load_config
 from megatron_power.training import checkpoint
 
 STEPS = 10
-# Five steps of 16 sequences, then five of 32 (training/batch_schedule.py).
+# Eight steps of 16 sequences, then two of 32 (training/batch_schedule.py).
 OVERRIDES = SMALL + ["model.seq_length=128", "train.global_batch_size=16", "train.micro_batch_size=4",
-                     f"train.batch_schedule=[[0,16],[{5 * 16 * 128},32]]", f"train.tokens={5 * 48 * 128}",
+                     f"train.batch_schedule=[[0,16],[{8 * 16 * 128},32]]", f"train.tokens={(8 * 16 + 2 * 32) * 128}",
                      "schedule.warmup=0", "schedule.decay=0", "train.noise_scale_interval=1"]
 
 
@@ -79,7 +79,7 @@ def test_layout_matches_single_process(reference, tmp_path, nproc, layout, data_
     assert ("resumed from" in result.stdout) == interrupted
     losses = metrics(tmp_path / "layout")[0]
     assert sorted(losses) == list(range(1, STEPS + 1))
-    assert [r["batch"] for r in records(tmp_path / "layout", "loss")][-STEPS:] == [16] * 5 + [32] * 5
+    assert [r["batch"] for r in records(tmp_path / "layout", "loss")][-STEPS:] == [16] * 8 + [32] * 2
     for step in range(1, STEPS + 1):
         assert losses[step] == pytest.approx(reference_losses[step], abs=1e-4), f"step {step}"
     # The run learned something: the comparison is not between two flat lines.
