@@ -1,4 +1,5 @@
-"""MoE (GraniteMoe routing) under expert, tensor (with sequence parallelism) and pipeline parallelism.
+"""MoE (GraniteMoe routing) under expert, tensor (with sequence parallelism) and pipeline parallelism,
+with a global batch that doubles for the last two steps.
 
 Expert parallelism runs over gloo through cpu_compat (all-to-all split sizes, uneven gathers).
 Tolerance: 1e-3 absolute on losses of 6 to 9 nats. Routing is a discrete top-k choice, so reduction
@@ -10,14 +11,17 @@ import pytest
 
 from helpers import metrics, records, run_train
 
-STEPS = 10
+# Six steps of 16 sequences, then two of 32 (a batch schedule, training/batch_schedule.py).
+BATCHES = [16] * 6 + [32] * 2
+STEPS = len(BATCHES)
 MOE = [
     "model.num_experts=4", "model.moe_topk=2", "model.moe_ffn_hidden_size=128",
     "model.hidden_size=128", "model.ffn_hidden_size=384", "model.num_layers=2", "model.seq_length=128",
-    "train.global_batch_size=16", "train.micro_batch_size=8", f"train.tokens={STEPS * 16 * 128}",
+    "train.global_batch_size=16", "train.micro_batch_size=8", f"train.tokens={sum(BATCHES) * 128}",
+    f"train.batch_schedule=[[0,16],[{6 * 16 * 128},32]]",
     "train.eval_interval=1000", "checkpoint.interval=1000", "schedule.warmup=0", "schedule.decay=0",
 ]
-ROUTED_PER_STEP = 16 * 128 * 2  # sequences x tokens x top-k
+ROUTED = [batch * 128 * 2 for batch in BATCHES]  # per step: sequences x tokens x top-k
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,7 @@ def test_moe_layout_matches_single_process(reference, tmp_path, nproc, layout):
     assert losses[STEPS] < losses[1] - 1.0
     # Expert load summed over the layout's ranks: every token counted once, the same balance.
     for layer in (0, 1):
-        assert scalars(tmp_path / "layout", f"moe/tokens_routed/layer_{layer}") == [ROUTED_PER_STEP] * STEPS
+        assert scalars(tmp_path / "layout", f"moe/tokens_routed/layer_{layer}") == ROUTED
         assert scalars(tmp_path / "layout", f"moe/max_load/layer_{layer}") == pytest.approx(
             scalars(reference, f"moe/max_load/layer_{layer}"), rel=0.02)
 
@@ -69,13 +73,13 @@ def test_router_statistics_reach_tensorboard(reference):
     assert all(0.9 < v < 4.0 for v in values), values
     for layer in (0, 1):
         # tokens x top-k, each counted once; the busiest of 4 experts takes between 1/4 and all of them
-        assert scalars(reference, f"moe/tokens_routed/layer_{layer}") == [ROUTED_PER_STEP] * STEPS
+        assert scalars(reference, f"moe/tokens_routed/layer_{layer}") == ROUTED
         assert all(1.0 <= v <= 4.0 for v in scalars(reference, f"moe/max_load/layer_{layer}"))
         assert len(events.Histograms(f"moe/expert_load/layer_{layer}")) == STEPS
 
 
 NOISE_STEPS = 10
-NOISE = [o for o in MOE if not o.startswith(("train.micro_batch_size", "train.tokens"))] + [
+NOISE = [o for o in MOE if not o.startswith(("train.micro_batch_size", "train.tokens", "train.batch_schedule"))] + [
     "train.micro_batch_size=2", f"train.tokens={NOISE_STEPS * 16 * 128}", "train.noise_scale_interval=1"]
 
 
