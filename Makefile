@@ -29,7 +29,7 @@ STOP_TIMEOUT ?= 900
 LAUNCH := $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) --shutdown-timeout $(STOP_TIMEOUT) -m megatron_power.cli
 endif
 
-.PHONY: setup setup-dev setup-plot data train submit sweep convert test bench gpu-check constraints clean-venv
+.PHONY: setup setup-dev setup-plot data train submit sweep study convert test bench gpu-check constraints clean-venv
 
 setup: $(VENV)/.installed-base
 setup-dev: $(VENV)/.installed-dev
@@ -81,6 +81,14 @@ SPEC ?= proxy_lr_batch
 sweep: setup-plot
 	$(MP) data
 	$(MP) sweep $(SPEC) $(ARGS)
+
+# make study [STUDY=proxy] [ARGS="--jobs 4" | ARGS="--slurm --partition p --time 1:00:00"]
+# Power vs tuned WSD and cosine, (a, b) carried to unseen budgets and batches, MoE muTransfer: runs
+# what is left (a rerun resumes), then writes study.md, results.csv and figures in runs/studies/<name>.
+STUDY ?= proxy
+study: setup-plot
+	$(MP) data
+	$(MP) study $(STUDY) $(ARGS)
 
 # make convert CKPT=runs/proxy/checkpoints OUT=hf/proxy [ARGS="--dtype fp32 --verify"]
 convert: setup-dev

@@ -182,7 +182,6 @@ def _submit(args) -> int:
 
 
 def _sweep(args) -> int:
-    from pathlib import Path
 
     from megatron_power.science import sweep
 
@@ -203,20 +202,12 @@ def _sweep(args) -> int:
         print(f"wrote {results}")
         return _fit_when_complete(spec, grid, results)
     if args.slurm:
-        from megatron_power.ops.submit import Submission, submit
-
-        todo = [p.index for p in grid if not sweep.status(spec.dir / p.name).done]
+        todo = [p for p in grid if not sweep.status(spec.dir / p.name).done]
         if not todo:
             results = sweep.collect(spec, grid)
             print(f"every point of {spec.name} is done; wrote {results}")
             return _fit_when_complete(spec, grid, results)
-        rc = submit(Submission(
-            recipe=spec.recipe, overrides=spec.overrides + [f"out_dir={spec.dir}"], nodes=1,
-            gpus_per_node=processes, cpu=args.cpu, cpus_per_task=args.cpus_per_task, partition=args.partition,
-            account=args.account, time=args.time, container=args.container, container_mounts=args.container_mounts,
-            signal_lead=args.signal_lead, job_name=spec.name, log_dir=Path(args.log_dir).absolute(),
-            array=sweep.array_indices(todo) + (f"%{args.max_running}" if args.max_running else ""),
-            points_file=sweep.write_points_file(spec, grid)), dry_run=args.dry_run)
+        rc = _submit_array(spec, grid, todo, args, processes)
         if rc == 0 and not args.dry_run:
             print(f"{len(todo)} of {len(grid)} points submitted; when they are done: "
                   f"megatron-power sweep {args.spec} --collect")
@@ -233,6 +224,65 @@ def _sweep(args) -> int:
     if counts.get("failed"):
         return 1
     return _fit_when_complete(spec, grid, results)
+
+
+def _submit_array(spec, grid, todo, args, processes) -> int:
+    """The `todo` points of `grid`, all in `spec`'s directory, as one SLURM job array."""
+    from pathlib import Path
+
+    from megatron_power.ops.submit import Submission, submit
+    from megatron_power.science import sweep
+
+    return submit(Submission(
+        recipe=spec.recipe, overrides=spec.overrides + [f"out_dir={spec.dir}"], nodes=1,
+        gpus_per_node=processes, cpu=args.cpu, cpus_per_task=args.cpus_per_task, partition=args.partition,
+        account=args.account, time=args.time, container=args.container, container_mounts=args.container_mounts,
+        signal_lead=args.signal_lead, job_name=spec.name, log_dir=Path(args.log_dir).absolute(),
+        array=sweep.array_indices([p.index for p in todo]) + (f"%{args.max_running}" if args.max_running else ""),
+        points_file=sweep.write_points_file(spec, grid)), dry_run=args.dry_run)
+
+
+def _study(args) -> int:
+    from megatron_power.science import fit, study, sweep
+
+    spec = study.load_spec(args.spec)
+    if args.jobs:
+        spec.jobs = args.jobs
+    processes = args.gpus_per_node if args.slurm else 1
+    base = spec.sweep()
+    # Stage 2's configs, with placeholders for what stage 1 decides, are checked before anything runs.
+    sweep.check(base, processes, grid=study.compare_points(spec, None), compare_saved=False)
+    stages = [("tune", sweep.check(base, processes, grid=study.tune_points(spec)))]
+    done = []
+    while True:
+        name, grid = stages[-1]
+        todo = [p for p in grid if not sweep.status(spec.dir / p.name).done]
+        if todo and not args.collect:
+            if args.slurm:
+                rc = _submit_array(spec, grid, todo, args, processes)
+                if rc == 0 and not args.dry_run:
+                    print(f"stage {name}: {len(todo)} of {len(grid)} points submitted; when they are done, "
+                          f"`megatron-power study {args.spec} --slurm` again submits the next stage")
+                return rc
+            print(f"stage {name} of study {spec.name}:")
+            outcomes = sweep.run_local(base, grid, cpu_only=args.cpu)
+            # A point stopped by Ctrl-C before it could save also reads "failed": a rerun starts it over.
+            print("".join(f"{p}: {o}\n" for p, o in outcomes.items() if o.startswith("failed")), end="")
+            todo = [p for p in grid if not sweep.status(spec.dir / p.name).done]
+        results = sweep.collect(base, done + grid)
+        if todo:
+            print(f"wrote {results}; {len(todo)} points of stage {name} to go: "
+                  f"`megatron-power study {args.spec}` again continues where it stopped")
+            return 130 if not args.collect else 0
+        done += grid
+        if name == "compare":
+            break
+        tuned = study.tune_results(spec, fit.read_results(results))
+        stages.append(("compare", sweep.check(base, processes, grid=study.compare_points(spec, tuned))))
+    report = study.write_report(spec, study.analyse(spec, fit.read_results(results)), spec.dir)
+    print(report.read_text())
+    print(f"table: {results}; report and figures: {spec.dir}")
+    return 0
 
 
 def _fit_when_complete(spec, grid, results) -> int:
@@ -395,6 +445,15 @@ def parser() -> argparse.ArgumentParser:
                        help="--plan: assumed model FLOPs utilisation (dense3b measured 38%% on one H100; proxies run lower)")
     _slurm_options(sweep, gpus_per_node=1)
     sweep.set_defaults(run=_sweep)
+
+    study = verbs.add_parser("study", help="Power vs tuned WSD and cosine, transfer to unseen cells, MoE muTransfer")
+    study.add_argument("spec", help="study spec name in recipes/studies/ or a YAML path")
+    study.add_argument("--jobs", type=int, help="points at once on this machine (default: the spec's, else GPUs or cores)")
+    study.add_argument("--collect", action="store_true", help="only write results.csv (and the report, once complete)")
+    study.add_argument("--slurm", action="store_true", help="submit the unfinished points of the current stage as a SLURM array")
+    study.add_argument("--max-running", type=int, help="SLURM: array tasks running at once")
+    _slurm_options(study, gpus_per_node=1)
+    study.set_defaults(run=_study)
 
     fit = verbs.add_parser("fit", help="fit a and b of the Power scheduler (and more) to a sweep's results.csv")
     fit.add_argument("results", help="a sweep's results.csv")

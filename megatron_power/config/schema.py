@@ -48,15 +48,18 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.001  # GraniteMoe's router_aux_loss_coef (Hugging Face's default)
 
     def at_width(self, width: int) -> "ModelConfig":
-        """This model at hidden size `width` with its head size, query-group ratio and MLP ratio: how
-        a muP sweep or coordinate check varies width."""
+        """This model at hidden size `width` with its head size, query-group ratio and MLP ratios
+        (the dense MLP's and each expert's): how a muP sweep or coordinate check varies width."""
         head = self.hidden_size // self.num_attention_heads
         if width <= 0 or width % head:
             raise ConfigError(f"width {width} is not a positive multiple of the recipe's head size {head}")
         heads = width // head
         groups = max(1, heads * (self.num_query_groups or self.num_attention_heads) // self.num_attention_heads)
+        def scaled(size: Optional[int]) -> Optional[int]:
+            return None if size is None else round(size * width / self.hidden_size)
+
         return replace(self, hidden_size=width, num_attention_heads=heads, num_query_groups=groups,
-                       ffn_hidden_size=round(self.ffn_hidden_size * width / self.hidden_size))
+                       ffn_hidden_size=scaled(self.ffn_hidden_size), moe_ffn_hidden_size=scaled(self.moe_ffn_hidden_size))
 
 
 @dataclass

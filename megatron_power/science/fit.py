@@ -72,6 +72,9 @@ def read_results(path: Path) -> List[dict]:
         for key in ("tokens", "batch", "width", "seq_length", "reference_seq_length"):
             row[key] = int(row[key])
         row["lr"] = float(row["lr"])
+        row["experts"] = int(row["experts"]) if row.get("experts") else None  # None: dense
+        if row.get("seed"):
+            row["seed"] = int(row["seed"])
         row["mup"] = row["mup"] == "True"
         for key in ("valid_loss", "b_simple"):
             row[key] = float(row[key]) if row.get(key) not in (None, "") else None

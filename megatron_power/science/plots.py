@@ -163,3 +163,36 @@ def plot_transfer(rows, path, title: str) -> None:
     axes[0][0].set_ylabel("final validation loss")
     fig.suptitle(f"muTransfer: {title} (stars: best grid point)")
     _save(fig, path)
+
+
+def plot_head_to_head(outcomes, outside, path, name: str) -> None:
+    """Each schedule's final loss minus tuned WSD's against T, a panel per batch size, error bars
+    the spread over seeds; Power's points outside the fit region drawn hollow."""
+    plt = _pyplot()
+    batches = sorted({b for _, b in outcomes})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.8 * len(batches), 4.0), sharey=True, squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        cells = sorted(c for c in outcomes if c[1] == batch)
+        tokens = [t for t, _ in cells]
+        for i, kind in enumerate(("wsd", "cosine", "power")):
+            gap = [outcomes[c][kind].mean - outcomes[c]["wsd"].mean for c in cells]
+            spread = [outcomes[c][kind].spread for c in cells]
+            label = {"wsd": "WSD, tuned lr", "cosine": "cosine, tuned lr", "power": "Power, one (a, b)"}[kind]
+            ax.errorbar(tokens, gap, yerr=spread, color=f"C{i}", label=label, capsize=3, marker="o",
+                        mfc="none" if kind == "power" else None, linestyle="-")
+            if kind == "power":
+                inside = [(t, g) for (t, b), g in zip(cells, gap) if (t, b) not in outside]
+                if inside:
+                    ax.plot(*zip(*inside), "o", color=f"C{i}", label="Power, cell in the fit region")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_xticks(tokens)
+        ax.set_xticklabels([format_count(t) for t in tokens])
+        ax.minorticks_off()
+        ax.set_xlabel("token budget T")
+        ax.set_title(f"batch {batch}")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("final validation loss - tuned WSD's")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"{name}: head to head at equal tokens (error bars: spread over seeds)")
+    _save(fig, path)

@@ -45,7 +45,7 @@ SPECS_DIR = RECIPES_DIR / "sweeps"
 DIVERGED = "diverged.json"  # written here when a point stops on non-finite losses (train's exit code 3)
 # Short names for the usual axes in point names; other keys use their last component.
 ABBREVIATIONS = {"schedule.lr_max": "lr", "train.global_batch_size": "bs", "train.tokens": "T",
-                 "mup.enabled": "mup", "width": "w"}
+                 "mup.enabled": "mup", "width": "w", "schedule.kind": "", "train.seed": "seed"}
 
 
 @dataclass
@@ -121,8 +121,8 @@ def _width_overrides(spec: SweepSpec, width: int) -> List[str]:
         m = load_config(spec.recipe, spec.overrides, check_paths=False).model.at_width(width)
     except ConfigError as e:
         raise ConfigError(f"grid.width: {e}") from None
-    return [f"model.{name}={getattr(m, name)}"
-            for name in ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")]
+    names = ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "moe_ffn_hidden_size")
+    return [f"model.{name}={getattr(m, name)}" for name in names if getattr(m, name) is not None]
 
 
 def points(spec: SweepSpec) -> List[Point]:
@@ -173,11 +173,13 @@ def _changed_keys(saved: str, current: str) -> List[str]:
     return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "out_dir"]
 
 
-def check(spec: SweepSpec, world_size: int = 1, check_paths: bool = True) -> List[Point]:
-    """Every point's config validated, and every existing point directory made by the same config;
-    a ConfigError names each problem (once, with how many points have it) before any run starts."""
+def check(spec: SweepSpec, world_size: int = 1, check_paths: bool = True, grid: Optional[List[Point]] = None,
+          compare_saved: bool = True) -> List[Point]:
+    """Every point's config validated (the spec's grid, or `grid`: points run in `spec`'s directory),
+    and, with `compare_saved`, every existing point directory made by the same config; a ConfigError
+    names each problem (once, with how many points have it) before any run starts."""
     problems: Dict[str, List[str]] = {}
-    grid = points(spec)
+    grid = points(spec) if grid is None else grid
     for point in grid:
         try:
             config = point.config = point_config(spec, point, world_size, check_paths)
@@ -186,7 +188,7 @@ def check(spec: SweepSpec, world_size: int = 1, check_paths: bool = True) -> Lis
                 problems.setdefault(line, []).append(point.name)
             continue
         saved = config.run_dir / "config.yaml"
-        if saved.is_file():
+        if compare_saved and saved.is_file():
             changed = _changed_keys(saved.read_text(), to_yaml(config))
             if changed:
                 problems.setdefault(
@@ -341,6 +343,7 @@ def collect(spec: SweepSpec, grid: List[Point]) -> Path:
             "point": point.name, "status": state.value,
             "tokens": config.train.tokens, "batch": config.train.global_batch_size, "lr": config.schedule.lr_max,
             "width": config.model.hidden_size, "mup": config.mup.enabled, "seq_length": config.model.seq_length,
+            "kind": config.schedule.kind, "seed": config.train.seed, "experts": config.model.num_experts or "",
             "reference_seq_length": config.schedule.reference_seq_length,
             **{f"grid.{k}": v for k, v in point.values.items()},
             "valid_loss": math.inf if state == Status.DIVERGED else valid,
@@ -349,8 +352,9 @@ def collect(spec: SweepSpec, grid: List[Point]) -> Path:
         })
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".csv.tmp")
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # points of several grids differ in grid.*
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(out)
