@@ -192,7 +192,7 @@ def plot_head_to_head(outcomes, outside, path, name: str) -> None:
         ax.set_xlabel("token budget T")
         ax.set_title(f"batch {batch}")
         ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     axes[0][0].set_ylabel("final validation loss - tuned WSD's")
-    axes[0][-1].legend(fontsize=8)
     fig.suptitle(f"{name}: head to head at equal tokens (error bars: spread over seeds)")
     _save(fig, path)

@@ -101,7 +101,7 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
         if t.batch_schedule is None:
             return TrainState(), [f"starting {config.name}: {config.train_steps} steps of {config.tokens_per_step:,} tokens"]
         growth = (f"growing with the noise scale up to {t.batch_growth.ceiling}" if t.batch_schedule == NOISE_SCALE
-                  else f"{steps_left(t, config.model.seq_length, 0, 0)} steps")
+                  else f"{steps_left(t, config.model.seq_length, 0, t.global_batch_size)} steps")
         return TrainState(), [f"starting {config.name}: {t.tokens:,} tokens, batch {t.global_batch_size}, {growth}"]
     source = checkpoint.resolve(Path(config.checkpoint.init_from))
     saved = checkpoint.saved_state(source)
