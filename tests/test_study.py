@@ -1,4 +1,5 @@
-"""`megatron-power study`: a real tiny study (both stages, interrupted and resumed), its analysis on a
+"""`megatron-power study`: a real tiny study (both stages, interrupted and resumed, its table fitted by
+`fit`), its analysis on a
 loss surface with known answers (which cells the fit uses, the transfer gaps), and its SLURM arrays."""
 
 import csv
@@ -76,6 +77,15 @@ def test_tiny_study_is_interrupted_resumed_and_reported(default_data, tmp_path):
     assert f"| 16K | 8 | {gap:+.4f} |" in transfer
     for figure in ("head_to_head.png", "gamma_fit.png"):
         assert (runs / figure).stat().st_size > 10_000
+
+    # The study's table is a sweep table: `fit` fits each schedule and seed as its own family.
+    result = subprocess.run(command("fit", str(runs / "results.csv"), "--out", str(tmp_path / "fit")), cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "[width 64, muP, schedule.kind=wsd, train.seed=1] gamma = lr_opt / beta = a * T**b" in result.stdout
+    for figure in ("lr_sweep", "gamma_fit", "noise_scale"):
+        assert (tmp_path / "fit" / f"{figure}-width64-muP-schedule.kind=wsd-train.seed=1.png").stat().st_size > 10_000
+    assert "schedule:\n  kind: power\n  a: " in (tmp_path / "fit" / "fit-width64-muP-schedule.kind=wsd-train.seed=1.yaml").read_text()
 
 
 def surface_rows(a=2.0, b=-0.4, seeds=(1, 2)):
