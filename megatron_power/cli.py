@@ -348,6 +348,17 @@ def _slurm_options(verb: argparse.ArgumentParser, gpus_per_node: int) -> None:
     verb.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
 
 
+def _points_verb(verbs, name: str, help: str, specs_dir: str, collect_help: str, slurm_help: str):
+    """A verb that runs a spec's points like `sweep`: locally, `--collect`ed, or as a SLURM array."""
+    verb = verbs.add_parser(name, help=help)
+    verb.add_argument("spec", help=f"{name} spec name in {specs_dir} or a YAML path")
+    verb.add_argument("--jobs", type=int, help="points at once on this machine (default: the spec's, else GPUs or cores)")
+    verb.add_argument("--collect", action="store_true", help=collect_help)
+    verb.add_argument("--slurm", action="store_true", help=slurm_help)
+    verb.add_argument("--max-running", type=int, help="SLURM: array tasks running at once")
+    return verb
+
+
 def _recipe_fields() -> str:
     """Every recipe key with its type, default and documentation, for `config --help`."""
     import textwrap
@@ -432,12 +443,9 @@ def parser() -> argparse.ArgumentParser:
                      help="GiB per GPU; the planner must fit the layout in 90%% of it (H100: 80)")
     _slurm_options(sub, gpus_per_node=8)
 
-    sweep = verbs.add_parser("sweep", help="run a grid of proxy runs (locally or as a SLURM array) into results.csv")
-    sweep.add_argument("spec", help="sweep spec name in recipes/sweeps/ or a YAML path")
-    sweep.add_argument("--jobs", type=int, help="points at once on this machine (default: the spec's, else GPUs or cores)")
-    sweep.add_argument("--collect", action="store_true", help="only write results.csv from the runs on disk")
-    sweep.add_argument("--slurm", action="store_true", help="submit the unfinished points as a SLURM job array")
-    sweep.add_argument("--max-running", type=int, help="SLURM: array tasks running at once")
+    sweep = _points_verb(verbs, "sweep", "run a grid of proxy runs (locally or as a SLURM array) into results.csv",
+                         "recipes/sweeps/", "only write results.csv from the runs on disk",
+                         "submit the unfinished points as a SLURM job array")
     sweep.add_argument("--plan", action="store_true",
                        help="print the runs, tokens and estimated GPU-hours; run nothing")
     sweep.add_argument("--peak-tflops", type=float, default=989.0, help="--plan: dense bf16 peak (H100 SXM: 989)")
@@ -446,12 +454,9 @@ def parser() -> argparse.ArgumentParser:
     _slurm_options(sweep, gpus_per_node=1)
     sweep.set_defaults(run=_sweep)
 
-    study = verbs.add_parser("study", help="Power vs tuned WSD and cosine, transfer to unseen cells, MoE muTransfer")
-    study.add_argument("spec", help="study spec name in recipes/studies/ or a YAML path")
-    study.add_argument("--jobs", type=int, help="points at once on this machine (default: the spec's, else GPUs or cores)")
-    study.add_argument("--collect", action="store_true", help="only write results.csv (and the report, once complete)")
-    study.add_argument("--slurm", action="store_true", help="submit the unfinished points of the current stage as a SLURM array")
-    study.add_argument("--max-running", type=int, help="SLURM: array tasks running at once")
+    study = _points_verb(verbs, "study", "Power vs tuned WSD and cosine, transfer to unseen cells, MoE muTransfer",
+                         "recipes/studies/", "only write results.csv (and the report, once complete)",
+                         "submit the unfinished points of the current stage as a SLURM array")
     _slurm_options(study, gpus_per_node=1)
     study.set_defaults(run=_study)
 

@@ -81,18 +81,8 @@ class StudySpec:
                                eval_sequences=self.eval_sequences, out_dir=self.out_dir)
 
 
-def spec_path(spec: str) -> Path:
-    path = Path(spec)
-    if path.suffix not in (".yaml", ".yml"):
-        path = STUDIES_DIR / f"{spec}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in STUDIES_DIR.glob("*.yaml")))
-        raise ConfigError(f"study spec {spec} not found (expected a YAML file or one of: {known})")
-    return path
-
-
 def load_spec(spec: str) -> StudySpec:
-    path = spec_path(spec)
+    path = sweep.spec_path(spec, STUDIES_DIR, "study")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(StudySpec), load_yaml(path, "study spec"))
         s: StudySpec = OmegaConf.to_object(merged)

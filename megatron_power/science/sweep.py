@@ -75,14 +75,14 @@ class Point:
     config: Any = None  # its validated Config, once check() has made it
 
 
-def spec_path(spec: str) -> Path:
-    """A spec is a name in recipes/sweeps/ or a path to a YAML file."""
+def spec_path(spec: str, directory: Path = SPECS_DIR, kind: str = "sweep") -> Path:
+    """A spec is a name in `directory` (recipes/sweeps/ for sweeps) or a path to a YAML file."""
     path = Path(spec)
     if path.suffix not in (".yaml", ".yml"):
-        path = SPECS_DIR / f"{spec}.yaml"
+        path = directory / f"{spec}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in SPECS_DIR.glob("*.yaml")))
-        raise ConfigError(f"sweep spec {spec} not found (expected a YAML file or one of: {known})")
+        known = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
+        raise ConfigError(f"{kind} spec {spec} not found (expected a YAML file or one of: {known})")
     return path
 
 
