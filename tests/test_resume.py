@@ -23,11 +23,23 @@ def _descendants(pid):
         return []
 
 
+def _freeze_a_checkpoint_writer(pid) -> bool:
+    """Stop one of the processes a save forks to write its files, as if it hung mid-write: a killed
+    run must not leave it behind (one did, stuck on a queue its dead parent never filled)."""
+    for writer in _descendants(pid):
+        try:
+            writer.suspend()
+            return True
+        except psutil.NoSuchProcess:
+            continue
+    return False
+
+
 @pytest.mark.slow
 def test_run_killed_again_and_again_ends_with_the_uninterrupted_losses(default_data, tmp_path):
     """Chaos: the run is killed with SIGKILL four times at seeded random moments, every other time
-    while a checkpoint is being written, and restarted each time. It ends with exactly the
-    uninterrupted run's losses, and no process of a killed attempt outlives it."""
+    while a checkpoint is being written with a writer process frozen, and restarted each time. It
+    ends with exactly the uninterrupted run's losses, and no process of a killed attempt outlives it."""
     run_train(tmp_path, "whole", OVERRIDES)
     expected_train, expected_valid = metrics(tmp_path / "whole")
 
@@ -43,7 +55,7 @@ def test_run_killed_again_and_again_ends_with_the_uninterrupted_losses(default_d
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline:
             stepped = (run / "metrics.jsonl").is_file() and len(metrics(run)[0]) > done
-            if during_save and stepped and any((run / "checkpoints").glob("iter_*.tmp")):
+            if during_save and stepped and _freeze_a_checkpoint_writer(proc.pid):
                 break
             if not during_save and stepped:
                 time.sleep(delay)
@@ -56,6 +68,8 @@ def test_run_killed_again_and_again_ends_with_the_uninterrupted_losses(default_d
         proc.wait()
         kills += 1
         gone, alive = psutil.wait_procs(children, timeout=20)
+        for leftover in alive:
+            leftover.kill()
         assert not alive, f"kill {kills}: {[p.cmdline() for p in alive]} outlived the run"
     assert kills == 4, "the run finished before it was killed four times"
 

@@ -3,7 +3,8 @@ scancel (SIGTERM) and Ctrl-C (SIGINT) ask the trainer for a checkpoint and a cle
 Ctrl-C exits at once.
 
 Installed first thing in `megatron-power train`, before the seconds of imports, so that an early
-signal cannot kill the process the default way."""
+signal cannot kill the process the default way. A trainer killed with SIGKILL takes the processes it
+forked with it."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class StopRequest:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
         _stop_with_launcher()
+        os.register_at_fork(before=_remember_parent, after_in_child=_die_with_parent)
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:
@@ -32,9 +34,30 @@ class StopRequest:
         self.requested = True
 
 
+_parent_pid = None
+
+
+def _remember_parent() -> None:
+    global _parent_pid
+    _parent_pid = os.getpid()
+
+
+def _die_with_parent() -> None:
+    """Checkpoint saves fork writer processes that wait on queues filled by the trainer: a trainer
+    killed mid-save would leave them waiting forever, each a copy of its memory. They inherit the
+    trainer's SIGTERM handler, which only asks for a stop, hence SIGKILL."""
+    _set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != _parent_pid:  # the parent died before the request was in place
+        os._exit(1)
+
+
+def _set_parent_death_signal(sig: signal.Signals) -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+
+
 def _stop_with_launcher() -> None:
     """Under torchrun, a launcher killed with SIGKILL cannot stop its workers, which would train on
     with no parent: each asks the kernel for a SIGTERM (checkpoint, then exit) when its parent dies."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _set_parent_death_signal(signal.SIGTERM)
