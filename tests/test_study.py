@@ -1,6 +1,6 @@
 """`megatron-power study`: a real tiny study (both stages, interrupted and resumed, its table fitted by
-`fit`), its analysis on a
-loss surface with known answers (which cells the fit uses, the transfer gaps), and its SLURM arrays."""
+`fit`), its analysis on a loss surface with known answers (which cells the fit uses, the transfer
+gaps), and its SLURM arrays."""
 
 import csv
 import math
@@ -66,6 +66,10 @@ def test_tiny_study_is_interrupted_resumed_and_reported(default_data, tmp_path):
     report = (runs / "study.md").read_text()
     table = fit.read_results(runs / "results.csv")
     loss = {(r["kind"], r["tokens"], r["lr"], r["seed"]): r["valid_loss"] for r in table}
+    for lr in (0.005, 0.02):  # longer WSD runs reach a lower loss at every grid lr
+        assert loss["wsd", 4000, lr, 1] > loss["wsd", 8000, lr, 1] > loss["wsd", 16000, lr, 1]
+    # 4K tokens may end before the first noise-scale measurement; the compared runs have one.
+    assert all(r["b_simple"] > 0 for r in table if r["tokens"] == 16000)
     for kind in ("wsd", "cosine"):  # the seed-2 rerun is at the grid lr that was best at seed 1
         best = min((0.005, 0.02), key=lambda lr: loss[kind, 16000, lr, 1])
         mean = (loss[kind, 16000, best, 1] + loss[kind, 16000, best, 2]) / 2
