@@ -24,7 +24,7 @@ MANIFEST = "manifest.json"
 
 def build_default_data(out_dir: Path = DEFAULT_DATA_DIR, vocab_size: int = 8192,
                        workers: int = max(1, min(4, os.cpu_count() or 1))) -> dict:
-    """Standard-library sources -> tokenizer.model, train.bin/.idx, valid.bin/.idx, manifest.json.
+    """The shipped standard-library corpus -> tokenizer.model, train.bin/.idx, valid.bin/.idx, manifest.json.
 
     The manifest is written last: its presence means the directory is complete, and a rerun
     returns at once.
@@ -32,10 +32,10 @@ def build_default_data(out_dir: Path = DEFAULT_DATA_DIR, vocab_size: int = 8192,
     manifest_path = out_dir / MANIFEST
     if manifest_path.is_file():
         return json.loads(manifest_path.read_text())
-    documents = list(corpus.read_documents(corpus.stdlib_files()))
+    documents = list(corpus.read_documents())
     train = [text for name, text in documents if not corpus.is_validation(name)]
     valid = [text for name, text in documents if corpus.is_validation(name)]
-    print(f"corpus: {len(documents)} standard-library files, {len(train)} train / {len(valid)} validation")
+    print(f"corpus: {len(documents)} files of the CPython 3.11.7 standard library, {len(train)} train / {len(valid)} validation")
 
     model_file = spm_train.train(spm_train.paragraphs(train), out_dir / "tokenizer", vocab_size)
     stats = {
@@ -44,7 +44,7 @@ def build_default_data(out_dir: Path = DEFAULT_DATA_DIR, vocab_size: int = 8192,
         for split, texts in (("train", train), ("valid", valid))
     }
     manifest = {
-        "source": "python standard library",
+        "source": corpus.CORPUS_FILE.name,
         "vocab_size": vocab_size,
         "train": stats["train"],
         "valid": stats["valid"],
