@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Real text for the data and tokenizer tests (source and licence: tests/data/README.md).
+SHAKESPEARE = ROOT / "tests" / "data" / "tinyshakespeare.txt"
 BIN = Path(sys.executable).parent
 
 

@@ -1,5 +1,6 @@
 """Bad recipes and overrides are refused with one clear line each, before any work starts."""
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -82,6 +83,21 @@ def test_cli_refuses_before_any_work(default_data, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no run directory, no process group, nothing written
 
 
+@pytest.mark.parametrize("where", ["proc", "file"])
+def test_a_run_folder_that_cannot_be_created_is_one_line_before_any_work(default_data, tmp_path, where):
+    """/proc refuses new folders even to root, whatever its permission bits say; a file in the
+    way is not a folder. (The probe the check writes into a writable folder is removed: the test
+    above finds tmp_path empty.)"""
+    (tmp_path / "a-file").write_text("kept")
+    out_dir, cause = {"proc": ("/proc/forbidden", "/proc is not writable"),
+                      "file": (tmp_path / "a-file" / "runs", f"{tmp_path / 'a-file'} is not a directory")}[where]
+    result = subprocess.run(command("train", "proxy", f"out_dir={out_dir}"), cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: out_dir: cannot create the run folder {out_dir}/proxy: {cause}" + (" (No such file or directory)" if where == "proc" else "")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and (tmp_path / "a-file").read_text() == "kept"
+
+
 def test_counts_accept_suffixes_and_scientific_notation():
     assert parse_count("250B") == 250 * 10**9
     assert parse_count("1.5T") == 15 * 10**11
@@ -126,7 +142,7 @@ def _small_tokenizer(data):
     """Ids of the default corpus (8192 pieces) beside a tokenizer of 1000."""
     from tokenizer import corpus, spm
 
-    texts = [text for _, text in corpus.read_documents(corpus.stdlib_files()[:40])]
+    texts = [text for _, text in itertools.islice(corpus.read_documents(), 40)]
     small = spm.train(spm.paragraphs(texts), data / "small", 1000)
     shutil.copy(small, data / "tokenizer.model")
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import ROOT, megatron_power, metrics, run_train
+from helpers import SHAKESPEARE, megatron_power, metrics, run_train
 from megatron_power import cli
 
 STEPS = 6
@@ -75,7 +75,7 @@ def test_exported_tokenizer_encodes_as_sentencepiece(exported, default_data):
 
     sp = spm.SentencePieceProcessor(model_file=str(default_data / "tokenizer.model"))
     tokenizer = AutoTokenizer.from_pretrained(exported["tp2-dense"][0])
-    shakespeare = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text()
+    shakespeare = SHAKESPEARE.read_text()
     texts = [shakespeare[i:i + 400] for i in range(0, 200_000, 2_000)]
     texts += [" leading space", "  two\n\n\tindented  code: x = 12345  ", "ü 漢字 😀", "", "   "]
     for text in texts:

@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from helpers import ROOT
+from helpers import SHAKESPEARE
 from megatron_power import cli
-
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="module")
