@@ -77,6 +77,24 @@ def test_no_intact_checkpoint_stops_rather_than_starting_over(finished, tmp_path
         checkpoint.newest(ckpts)
 
 
+# A run saved by megatron-core 0.16.1 (how: tests/data/mcore-0.16.1-run/README.md).
+LEGACY = ROOT / "tests" / "data" / "mcore-0.16.1-run"
+LEGACY_OVERRIDES = ["model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=2",
+                    "model.num_attention_heads=1", "model.seq_length=64", "train.global_batch_size=8",
+                    "train.micro_batch_size=4", "train.eval_interval=1000", "checkpoint.interval=2",
+                    "checkpoint.keep=2", "train.tokens=2048"]
+
+
+@pytest.mark.slow
+def test_a_run_saved_by_megatron_core_0_16_resumes_to_its_uninterrupted_losses(default_data, tmp_path):
+    """Weights and optimizer state of a checkpoint written by megatron-core 0.16.1 load under the
+    installed engine, and the run carries on to the losses 0.16.1 reached without a stop."""
+    shutil.copytree(LEGACY / "run", tmp_path / "run")
+    result = run_train(tmp_path, "run", LEGACY_OVERRIDES)
+    assert "resumed from" in result.stdout and "iter_0000002" in result.stdout
+    assert metrics(tmp_path / "run") == metrics(LEGACY / "uninterrupted")
+
+
 @pytest.mark.slow
 def test_run_resumes_past_a_damaged_checkpoint_to_the_same_losses(finished, tmp_path):
     run = copy_run(finished, tmp_path)
