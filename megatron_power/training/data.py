@@ -35,7 +35,7 @@ def build_default_data(out_dir: Path = DEFAULT_DATA_DIR, vocab_size: int = 8192,
     documents = list(corpus.read_documents())
     train = [text for name, text in documents if not corpus.is_validation(name)]
     valid = [text for name, text in documents if corpus.is_validation(name)]
-    print(f"corpus: {len(documents)} files of the CPython 3.11.7 standard library, {len(train)} train / {len(valid)} validation")
+    print(f"corpus: {len(documents)} files of {corpus.CORPUS_FILE.name}, {len(train)} train / {len(valid)} validation")
 
     model_file = spm_train.train(spm_train.paragraphs(train), out_dir / "tokenizer", vocab_size)
     stats = {
