@@ -2,16 +2,30 @@
 # On a GPU node whose system Python already has CUDA torch (an NGC container), the venv is
 # created with --system-site-packages and reuses that torch / Transformer Engine / Apex.
 
-PYTHON  ?= python3
 VENV    ?= .venv
 RECIPE  ?= proxy
 NPROC   ?= 1
 ARGS    ?=
 SMOKE   ?=
-# The CPU build of torch; pass e.g. PIP_EXTRA="--index-url https://download.pytorch.org/whl/cpu"
-# where pip would otherwise pick a CUDA build.
-TORCH_SPEC ?= torch==2.13.0
+# PyPI's torch for Python 3.12 (a CUDA build, which also runs on a CPU); PIP_EXTRA="--index-url
+# https://download.pytorch.org/whl/cpu" takes the smaller CPU build instead.
+TORCH_SPEC ?= torch==2.14.1
 PIP_EXTRA  ?=
+
+# The interpreter the venv is made with (megatron-core 0.19 needs Python >= 3.12): PYTHON=, else
+# python3 when it is new enough, else python3.12 or python3.13 on the PATH, else pyenv's newest
+# 3.12 or 3.13 (pyenv's shims refuse a version that is installed but not selected).
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell \
+	new_enough() { "$$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; }; \
+	if new_enough python3; then echo python3; exit; fi; \
+	for minor in 12 13; do \
+		if new_enough python3.$$minor; then echo python3.$$minor; exit; fi; \
+		version=$$(pyenv versions --bare 2>/dev/null | grep -E "^3\.$$minor\.[0-9]+$$" | sort -V | tail -n 1); \
+		if [ -n "$$version" ] && new_enough "$$(pyenv prefix $$version)/bin/python3"; then \
+			echo "$$(pyenv prefix $$version)/bin/python3"; exit; fi; \
+	done)
+endif
 
 BIN := $(VENV)/bin
 MP  := $(BIN)/megatron-power
@@ -36,6 +50,8 @@ setup-dev: $(VENV)/.installed-dev
 setup-plot: $(VENV)/.installed-plot
 
 $(VENV)/.installed-torch:
+	@if [ -z "$(PYTHON)" ]; then echo "error: no Python >= 3.12 found (looked for python3, python3.12 and python3.13 on the PATH and in pyenv): install Python 3.12, or name one with PYTHON=/path/to/python3.12" >&2; exit 1; fi
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || { echo "error: PYTHON=$(PYTHON) is not a Python >= 3.12 (megatron-core 0.19 needs one): name another, or leave PYTHON unset to find one" >&2; exit 1; }
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 		echo "Reusing the system's CUDA torch (and TE/Apex if present)"; \
 		$(PYTHON) -m venv --system-site-packages $(VENV) && touch $(VENV)/.system-site; \
@@ -45,6 +61,7 @@ $(VENV)/.installed-torch:
 	@touch $@
 
 $(VENV)/.installed-base: pyproject.toml $(CONSTRAINTS) $(VENV)/.installed-torch
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 12))' || { echo "error: $(VENV) was made with $$($(BIN)/python -V), and megatron-core 0.19 needs Python >= 3.12: run make clean-venv, then this command again" >&2; exit 1; }
 	$(BIN)/pip install -q $(PIP_EXTRA) $(PIN) -e .
 	@touch $@
 

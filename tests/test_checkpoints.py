@@ -36,9 +36,21 @@ def copy_run(finished, tmp_path, name="copy"):
     return run
 
 
+def garble_common_state(checkpoint_dir):
+    """Zero the bytes of the non-tensor state (megatron-core 0.19 keeps it in a .distcp file), leaving
+    every file its full length."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    storage = FileSystemReader(str(checkpoint_dir)).read_metadata().storage_data
+    info = next(v for k, v in storage.items() if k.fqn.startswith("common_state"))
+    with open(checkpoint_dir / info.relative_path, "r+b") as f:
+        f.seek(info.offset)
+        f.write(bytes(info.length))
+
+
 DAMAGE = {
     "truncated .distcp": lambda c: truncate(sorted(c.glob("*.distcp"))[0]),
-    "truncated common.pt": lambda c: truncate(c / "common.pt"),
+    "garbled common state": garble_common_state,
     "truncated .metadata": lambda c: truncate(c / ".metadata"),
     "empty metadata.json": lambda c: (c / "metadata.json").write_text(""),
 }
@@ -72,7 +84,7 @@ def test_garbled_or_missing_marker_falls_back_to_the_newest_checkpoint(finished,
 def test_no_intact_checkpoint_stops_rather_than_starting_over(finished, tmp_path):
     ckpts = copy_run(finished, tmp_path) / "checkpoints"
     for step in (2, 4, 6):
-        truncate(ckpts / f"iter_{step:07d}" / "common.pt")
+        garble_common_state(ckpts / f"iter_{step:07d}")
     with pytest.raises(CheckpointError, match="no checkpoint in .* is intact"):
         checkpoint.newest(ckpts)
 

@@ -59,7 +59,9 @@ def test_exported_model_loads_and_matches_megatron(exported, name):
     from transformers import AutoModelForCausalLM
 
     hf_dir, difference = exported[name]
-    assert difference < 1e-4  # relative to the largest logit; seen: about 3e-7
+    # Relative to the largest logit; seen on megatron-core 0.19.2 with its native muP multipliers:
+    # 2.9e-7 (tp2-dense), 4.5e-7 (pp2-dense-sp-untied), 2.8e-7 (ep2-moe, bf16 weights).
+    assert difference < 1e-6
     model, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     model.eval()

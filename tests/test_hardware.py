@@ -126,10 +126,13 @@ def test_mfu_peak_is_that_of_the_exact_device():
 
 
 def test_gpu_extra_takes_only_a_transformer_engine_megatron_core_supports():
+    """Within what megatron-core declares (0.19.2: no bound), from 2.12 (below it 0.19 turns
+    features off) up to and with 2.20, the release the GPU kit and current NGC containers hold."""
     import importlib.metadata
-
     import tomllib
+
     from packaging.requirements import Requirement
+    from packaging.version import Version
 
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     ours = next(Requirement(r) for r in extra if Requirement(r).name == "transformer-engine")
@@ -138,3 +141,4 @@ def test_gpu_extra_takes_only_a_transformer_engine_megatron_core_supports():
     candidates = [f"2.{minor}.{patch}" for minor in range(6, 25) for patch in range(3)]
     allowed = [v for v in candidates if ours.specifier.contains(v, prereleases=True)]
     assert allowed and all(theirs.specifier.contains(v, prereleases=True) for v in allowed)
+    assert min(allowed, key=Version) == "2.12.0" and "2.20.2" in allowed

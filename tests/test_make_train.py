@@ -33,3 +33,54 @@ def test_make_train_on_a_fresh_clone(tmp_path):
     final = valid[max(valid)]
     # Well below the loss of a model that ignores context (the corpus's unigram entropy).
     assert final < manifest["unigram_entropy_nats"] - 1.0, (final, manifest["unigram_entropy_nats"])
+
+
+def _python_3_11(path):
+    """An interpreter that answers as Python 3.11 does to what the Makefile asks (a version check and
+    -V): the Makefile's decisions, tested on a machine that may have no 3.11 installed."""
+    path.write_text("#!/bin/sh\n[ \"$1\" = -V ] && echo 'Python 3.11.9' && exit 0\n"
+                    "exit 1  # the check sys.version_info < (3, 12)\n")
+    path.chmod(0o755)
+    return path
+
+
+def _make_setup(tmp_path, path: str, *make_vars):
+    """`make setup` into a venv under tmp_path, with PATH set to `path`: what a user's machine offers."""
+    venv = tmp_path / "venv"
+    result = subprocess.run(["make", "setup", f"VENV={venv}", *make_vars], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PATH": path})
+    return result, venv
+
+
+@pytest.mark.parametrize("offered", ["PATH", "PYTHON="])
+def test_make_refuses_a_python_older_than_3_12_in_one_line_before_making_a_venv(tmp_path, offered):
+    """Only an old Python on the PATH and no pyenv, or an old one named by PYTHON=: one line saying
+    what to install or name, and nothing made."""
+    old = tmp_path / "bin"
+    old.mkdir()
+    _python_3_11(old / "python3")
+    for tool in ("make", "sh", "grep", "sort", "tail"):
+        (old / tool).symlink_to(subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip())
+    if offered == "PATH":
+        result, venv = _make_setup(tmp_path, str(old))
+        expected = "error: no Python >= 3.12 found (looked for python3, python3.12 and python3.13 on the PATH and in pyenv)"
+    else:
+        result, venv = _make_setup(tmp_path, os.environ["PATH"], f"PYTHON={old / 'python3'}")
+        expected = f"error: PYTHON={old / 'python3'} is not a Python >= 3.12"
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[0].startswith(expected), result.stderr
+    assert len([line for line in result.stderr.splitlines() if not line.startswith("make")]) == 1, result.stderr
+    assert not venv.exists()
+
+
+def test_make_refuses_a_venv_made_with_an_older_python(tmp_path):
+    """A checkout whose .venv predates the move to Python 3.12 is told to remake it, not given pip's
+    resolver error."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    _python_3_11(venv / "bin" / "python")
+    (venv / ".installed-torch").touch()
+    result, _ = _make_setup(tmp_path, os.environ["PATH"])
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[0].startswith(f"error: {venv} was made with Python 3.11"), result.stderr
+    assert "make clean-venv" in result.stderr

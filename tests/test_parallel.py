@@ -4,8 +4,9 @@ noise scale's per-step estimates too: the first micro-batch's gradient is then t
 assembled from TP shards, sequence-parallel parts and the tied embedding's two pipeline copies.
 
 The distributed optimizer's run is also interrupted: its torchrun launcher is SIGKILLed after a
-few steps, the workers it leaves save a checkpoint and exit, and the run resumes from it; its
-sharded Adam state must come back exactly for the losses to match.
+few steps, the workers it leaves save a checkpoint and exit, and the run resumes from it in another
+layout (TP=2 instead of DP=2); its Adam state, sharded over DP when saved and over TP when loaded
+(the checkpoint's `fully_reshardable` format), must come back exactly for the losses to match.
 
 Weights are drawn per global parameter key (model.initialize_weights) and every layout sees the
 same global batches, so the only differences are floating-point reduction orders. Tolerance:
@@ -63,20 +64,21 @@ def kill_launcher_mid_run(out_dir, overrides, nproc):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,layout,data_parallel,interrupted", [
-    (2, ["parallel.tp=2"], False, False),
-    (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], False, False),
-    (2, ["parallel.pp=2"], False, False),
-    (2, [], True, False),
-    (2, ["parallel.distributed_optimizer=true"], True, True),
-    (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], False, False),
-], ids=["tp2", "tp2-sp", "pp2", "dp2", "dp2-distopt-launcher-killed", "tp2xpp2-sp"])
-def test_layout_matches_single_process(reference, tmp_path, nproc, layout, data_parallel, interrupted):
+@pytest.mark.parametrize("nproc,layout,data_parallel,resumed_layout", [
+    (2, ["parallel.tp=2"], False, None),
+    (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], False, None),
+    (2, ["parallel.pp=2"], False, None),
+    (2, [], True, None),
+    (2, ["parallel.distributed_optimizer=true"], True, ["parallel.distributed_optimizer=true", "parallel.tp=2"]),
+    (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], False, None),
+], ids=["tp2", "tp2-sp", "pp2", "dp2", "dp2-distopt-launcher-killed-resumed-as-tp2", "tp2xpp2-sp"])
+def test_layout_matches_single_process(reference, tmp_path, nproc, layout, data_parallel, resumed_layout):
     reference_losses, reference_noise = reference
-    if interrupted:
+    if resumed_layout:
         assert 3 <= kill_launcher_mid_run(tmp_path, OVERRIDES + layout, nproc) < STEPS
+        layout = resumed_layout
     result = run_train(tmp_path, "layout", OVERRIDES + layout, nproc=nproc)
-    assert ("resumed from" in result.stdout) == interrupted
+    assert ("resumed from" in result.stdout) == bool(resumed_layout)
     losses = metrics(tmp_path / "layout")[0]
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert [r["batch"] for r in records(tmp_path / "layout", "loss")][-STEPS:] == [16] * 8 + [32] * 2

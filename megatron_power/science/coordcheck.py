@@ -36,21 +36,23 @@ def _rms(t: torch.Tensor) -> float:
 
 
 def _record(model, values: Dict[str, float]) -> List:
-    """Forward hooks on the first micro-batch of each step; registered after the muP hooks, so the
-    recorded values are what the next layer sees."""
+    """Forward hooks on the first micro-batch of each step, recording what the next layer sees:
+    the logits as the loss sees them, after Megatron's muP output multiplier (applied by the model
+    after its output layer)."""
     handles = []
+    logits_mult = model.config.mup_output_mult if model.config.use_mup else 1.0
 
-    def hook(name):
+    def hook(name, mult=1.0):
         def record(module, args, out):
             if name not in values:
-                values[name] = _rms(out[0] if isinstance(out, tuple) else out)
+                values[name] = _rms(out[0] if isinstance(out, tuple) else out) * mult
         return record
 
     handles.append(model.embedding.register_forward_hook(hook("embedding")))
     for i, layer in enumerate(model.decoder.layers):
         handles.append(layer.self_attention.register_forward_hook(hook(f"attn.{i}")))
         handles.append(layer.mlp.register_forward_hook(hook(f"mlp.{i}")))
-    handles.append(model.output_layer.register_forward_hook(hook("logits")))
+    handles.append(model.output_layer.register_forward_hook(hook("logits", logits_mult)))
     return handles
 
 

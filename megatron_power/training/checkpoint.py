@@ -21,13 +21,9 @@ import shutil
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-import torch
 import torch.distributed as dist
 
 from megatron_power.errors import CheckpointError
-
-# Megatron-Core is imported by the functions that save and load tensors; finding a checkpoint
-# and reading its saved state (all `convert to-hf` needs of this module) does without it.
 
 LATEST = "latest"
 # Optimizer state in the canonical per-parameter form, so a checkpoint can be loaded into a
@@ -125,6 +121,7 @@ def intact(path: Path) -> Optional[str]:
     metadata.json, the common state with its config, the tensor index (.metadata), and every .distcp
     file as long as the index says."""
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         json.loads((path / "metadata.json").read_text())
@@ -134,8 +131,8 @@ def intact(path: Path) -> Optional[str]:
         saved_state(path)
     except CheckpointError as e:
         return str(e)
-    except Exception as e:  # a truncated pickle raises anything from EOFError to RuntimeError
-        return f"common.pt is unreadable ({e.__class__.__name__})"
+    except (Exception, CheckpointException) as e:  # damaged bytes raise anything from EOFError up
+        return f"its common state is unreadable ({e.__class__.__name__})"
     try:
         metadata = FileSystemReader(str(path)).read_metadata()
     except Exception as e:
@@ -242,12 +239,11 @@ def load(path: Path, model, optimizer) -> dict:
 
 def saved_state(path: Path) -> dict:
     """The state saved beside the tensors (training progress, config), read without loading them."""
-    # Megatron's `torch` common backend keeps the non-tensor state in one torch.save file.
-    common_file = path / "common.pt"
-    if not common_file.is_file():
-        raise CheckpointError(f"{path} has no common.pt (expected a dist_checkpointing directory saved by "
-                              f"megatron-power)")
-    common = torch.load(common_file, map_location="cpu")
+    # megatron-core 0.19 keeps the non-tensor state inside the .distcp files (a ShardedObject);
+    # 0.16 kept it in common.pt. Megatron's reader finds either.
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    common = load_common_state_dict(str(path))
     state = common.get("state") if isinstance(common, dict) else None
     if not isinstance(state, dict) or "config" not in state:
         raise CheckpointError(f"{path} is not a megatron-power checkpoint (its common state holds no config)")

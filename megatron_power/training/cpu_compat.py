@@ -4,7 +4,7 @@ Megatron-Core places bookkeeping tensors on "cuda", synchronises streams and for
 states, and in places assumes Transformer Engine or Apex. None of that is model math.
 `install(hw)` bridges each of those sites for what the machine `hw` lacks: the CPU bridges
 without CUDA, the others without a usable Transformer Engine. Each bridge names the Megatron
-behaviour it addresses (file paths relative to megatron/core in megatron-core 0.16.1).
+behaviour it addresses (file:line relative to megatron/core in megatron-core 0.19.2).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _cuda_runtime_queries() -> None:
     torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
     torch.cuda.default_stream = lambda *args, **kwargs: _NullStream()
     torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
-    # distrib_optimizer.py:1089 and language_module.py:244 move helper tensors with `.cuda()`.
+    # distrib_optimizer.py:1374 and language_module.py:307 move helper tensors with `.cuda()`.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
@@ -103,7 +103,6 @@ _LITERAL_CUDA_MODULES = (
     "megatron.core.optimizer.clip_grads",  # grad-norm accumulators
     "megatron.core.optimizer.grad_scaler",  # loss-scale tensors
     "megatron.core.distributed.param_and_grad_buffer",  # communication warm-up tensor
-    "megatron.core.transformer.moe.moe_utils",  # aux-loss tracker
     "megatron.core.transformer.utils",  # default causal masks
     "megatron.core.utils",  # grad-norm and misc reductions
     "megatron.core.dist_checkpointing.exchange_utils",  # load-time shard exchange
@@ -207,7 +206,7 @@ def _cuda_type_names():
 
 def _distributed_optimizer_param_types() -> None:
     """DistributedOptimizer sorts parameters into fp32 / fp16 / bf16 shards by `param.type()`
-    compared with 'torch.cuda.FloatTensor' etc. (distrib_optimizer.py:361, 420, 582) and rejects
+    compared with 'torch.cuda.FloatTensor' etc. (distrib_optimizer.py:401, 466, 758) and rejects
     anything else; it sees CUDA type names while it sets up."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -240,10 +239,9 @@ def _moe_split_sizes() -> None:
 
 
 def _moe_router_gemm() -> None:
-    """moe_utils.RouterGatingLinearFunction tests `te_general_gemm is not None` (moe_utils.py:1192),
-    but the name is bound only when Transformer Engine imports: a NameError without TE, and TE's
-    CUDA GEMM where TE imports but is not used (CUDA hidden, or a broken extension). Without a
-    usable TE the router takes its torch matmul."""
+    """moe_utils.RouterGatingLinearFunction takes TE's CUDA GEMM whenever `te_general_gemm` is
+    bound (moe_utils.py:1326), which it is wherever Transformer Engine imports, used or not (CUDA
+    hidden, or a broken extension). Without a usable TE the router takes its torch matmul."""
     from megatron.core.transformer.moe import moe_utils
 
     moe_utils.te_general_gemm = None
@@ -251,7 +249,7 @@ def _moe_router_gemm() -> None:
 
 def _distributed_optimizer_state_on_load() -> None:
     """With torch's Adam (no TE or Apex), DistributedOptimizer.state_dict() reads the Adam `step`
-    of every parameter's state (distrib_optimizer.py:642), but a freshly built torch optimizer has
+    of every parameter's state (distrib_optimizer.py:838), but a freshly built torch optimizer has
     no state until its first step, so building the sharded state dict to load a checkpoint into
     fails. Megatron's FusedAdam keeps `step` in its parameter groups instead and has no such gap.
     Before a load, torch's Adam gets the state its first step would create (zeros, step 0), which
@@ -271,9 +269,9 @@ def _distributed_optimizer_state_on_load() -> None:
     distrib_optimizer.DistributedOptimizer.sharded_state_dict = with_initial_state
 
     # Loading then copies every state tensor of a parameter from the checkpoint's canonical form
-    # (distrib_optimizer.py:940), which holds param, exp_avg and exp_avg_sq; torch's per-parameter
+    # (distrib_optimizer.py:2405), which holds param, exp_avg and exp_avg_sq; torch's per-parameter
     # `step` is not among them. load_state_dict sets it from the parameter groups, as one tensor
-    # shared by every parameter (distrib_optimizer.py:826), which torch's foreach Adam would then
+    # shared by every parameter (distrib_optimizer.py:1024), which torch's foreach Adam would then
     # advance once per parameter each step: each parameter gets its own copy back.
     set_states = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
 
@@ -294,7 +292,7 @@ def _distributed_optimizer_state_on_load() -> None:
 
 def _uneven_sequence_parallel_collectives() -> None:
     """With TP and experts, the token dispatcher gathers and reduce-scatters uneven token counts
-    across TP ranks (tensor_parallel/mappings.py:150, :193) with list collectives that NCCL
+    across TP ranks (tensor_parallel/mappings.py:154, :197) with list collectives that NCCL
     accepts and gloo refuses; on CPU they go through equal-size collectives instead."""
     import torch.distributed as dist
     from megatron.core.tensor_parallel import mappings
@@ -327,7 +325,7 @@ def _uneven_sequence_parallel_collectives() -> None:
 def _checkpoint_results_queue() -> None:
     """dist_checkpointing's writer hands its results through a queue served by a
     multiprocessing.Manager, a ~275 MB process spawned at the first save
-    (strategies/filesystem_async.py:54) that outlives a run killed with SIGKILL, as does its
+    (strategies/filesystem_async.py:65) that outlives a run killed with SIGKILL, as does its
     resource tracker. Saves here are synchronous: the results are put and taken by this process,
     and a plain queue does."""
     import queue

@@ -52,7 +52,6 @@ def transformer_fields(config, hw: Hardware) -> dict:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_std,
-        softmax_scale=mup.softmax_scale(config),
         bf16=hw.bf16,
         params_dtype=hw.dtype,
         pipeline_dtype=hw.dtype,
@@ -68,6 +67,7 @@ def transformer_fields(config, hw: Hardware) -> dict:
         apply_rope_fusion=te,
         gradient_accumulation_fusion=hw.fused_wgrad,
         transformer_impl=hw.layer_impl,
+        **mup.native_fields(config),
         **moe_fields(config, hw),
         **precision_fields(config, hw),
     )
@@ -153,7 +153,6 @@ def build_model(config, vocab_size: int, initialize: bool = True, hw: Hardware =
         if hw.cuda:
             model.cuda(torch.cuda.current_device())
         initialize_weights(model, config)
-    mup.attach_multipliers(model, config)
     return model
 
 

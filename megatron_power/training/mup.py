@@ -1,14 +1,18 @@
 """muP as the paper (Shen et al. 2024) and IBM's code use it, wired through Megatron-Core.
 
 With m_width = d_model / d_base:
-- embedding output x emb_mult                      (forward hook on GPTModel.embedding)
-- attention and MLP outputs x residual_mult        (the layer spec's bias-dropout-add functions)
-- attention logits x 1/d_head, not 1/sqrt(d_head)  (TransformerConfig.softmax_scale)
-- output logits / m_width                          (forward hook on GPTModel.output_layer)
+- embedding output x emb_mult                      (Megatron's native muP, TransformerConfig.use_mup)
+- attention logits x 1/d_head, not 1/sqrt(d_head)  (native)
+- output logits x 1/m_width                        (native)
+- attention and MLP outputs x residual_mult        (ours: the layer spec's bias-dropout-add functions;
+                                                    Megatron has no residual multiplier)
 - init std init_std / sqrt(m_width) for hidden matrices, also / sqrt(2 * layers) for output
-  projections; embeddings at init_std              (model.initialize_weights)
+  projections; embeddings at init_std              (ours, model.initialize_weights: Megatron draws the
+                                                    same stds, but not the same numbers in every layout)
 - AdamW: hidden matrices at lr / m_width, the rest at lr; no weight decay on norms and biases
-                                                   (get_megatron_optimizer's config_overrides)
+                                                   (ours, get_megatron_optimizer's config_overrides:
+                                                    Megatron's muP overrides also divide Adam's epsilon
+                                                    by m_width, which IBM's settings do not)
 With muP off, every multiplier is 1 and the model is in standard parametrization.
 """
 
@@ -17,8 +21,8 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional
 
-# Megatron-Core is imported inside the two functions that hook into it: the multipliers alone
-# are what `convert to-hf` needs, and importing Megatron-Core costs it seconds.
+# Megatron-Core is imported inside the functions that hook into it: the multipliers alone are
+# what `convert to-hf` needs, and importing Megatron-Core costs it seconds.
 
 
 def width_mult(config) -> float:
@@ -37,7 +41,7 @@ def residual_mult(config) -> float:
 
 
 def softmax_scale(config) -> Optional[float]:
-    """1/d_head with muP; None keeps Megatron's 1/sqrt(d_head)."""
+    """1/d_head with muP (what Megatron's use_mup sets); None: Megatron's 1/sqrt(d_head)."""
     if not config.mup.enabled:
         return None
     return 1.0 / (config.model.hidden_size // config.model.num_attention_heads)
@@ -88,17 +92,15 @@ def apply_to_layer_spec(spec, config):
     return spec
 
 
-def attach_multipliers(model, config) -> None:
-    """Embedding multiplier and logits scaling on the stages that hold those layers."""
-    m_emb, m_width = emb_mult(config), width_mult(config)
-    if m_emb != 1.0 and getattr(model, "pre_process", False):
-        model.embedding.register_forward_hook(lambda module, args, out: out * m_emb)
-    if m_width != 1.0 and getattr(model, "post_process", False):
-        def scale_logits(module, args, out):
-            logits, bias = out
-            return logits / m_width, bias
-
-        model.output_layer.register_forward_hook(scale_logits)
+def native_fields(config) -> dict:
+    """TransformerConfig's own muP fields: embedding multiplier, attention 1/d_head, logits x
+    1/m_width. The output multiplier is given, so that Megatron does not derive it again from
+    hidden_size / mup_base_hidden_size (recipes may give m_width itself)."""
+    if not config.mup.enabled:
+        return {}
+    m_width = width_mult(config)
+    return dict(use_mup=True, mup_base_hidden_size=config.model.hidden_size / m_width,
+                mup_embedding_mult=emb_mult(config), mup_output_mult=1.0 / m_width)
 
 
 def _is_hidden_matrix(param) -> bool:

@@ -3,8 +3,7 @@ scancel (SIGTERM) and Ctrl-C (SIGINT) ask the trainer for a checkpoint and a cle
 Ctrl-C exits at once.
 
 Installed first thing in `megatron-power train`, before the seconds of imports, so that an early
-signal cannot kill the process the default way. A trainer killed with SIGKILL takes the processes it
-forked with it."""
+signal cannot kill the process the default way."""
 
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ class StopRequest:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
         _stop_with_launcher()
-        os.register_at_fork(before=_remember_parent, after_in_child=_die_with_parent)
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:
@@ -32,23 +30,6 @@ class StopRequest:
                 print("\nCtrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: exit now)",
                       file=sys.stderr, flush=True)
         self.requested = True
-
-
-_parent_pid = None
-
-
-def _remember_parent() -> None:
-    global _parent_pid
-    _parent_pid = os.getpid()
-
-
-def _die_with_parent() -> None:
-    """Checkpoint saves fork writer processes that wait on queues filled by the trainer: a trainer
-    killed mid-save would leave them waiting forever, each a copy of its memory. They inherit the
-    trainer's SIGTERM handler, which only asks for a stop, hence SIGKILL."""
-    _set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != _parent_pid:  # the parent died before the request was in place
-        os._exit(1)
 
 
 def _set_parent_death_signal(sig: signal.Signals) -> None:

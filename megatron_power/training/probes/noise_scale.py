@@ -129,7 +129,7 @@ class FirstMicrobatchProbe:
                 continue
             kind = "expert" if chained.optimizer.param_groups[0]["is_expert_parallel"] else "dense"
             sq = torch.zeros(1, dtype=torch.float64, device=self.device)
-            for grad in chained.get_main_grads_for_grad_norm():
+            for grad in chained.get_grads_for_grad_norm():
                 sq += grad.double().square().sum()
             dist.all_reduce(sq, group=chained.get_grad_stats_parallel_group())
             big[kind] += float(sq)
