@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import slurm_cluster
 
-from helpers import ROOT, SMALL, command, metrics, run_train, write_spec
+from helpers import BIN, ROOT, SMALL, command, metrics, run_train, write_spec
 from megatron_power import cli
 
 STEPS = 120
@@ -59,6 +59,25 @@ def test_time_limited_job_requeues_and_matches_a_local_run(cluster, default_data
     assert sorted(train) == list(range(1, steps + 1))
     assert train == pytest.approx(expected_train, abs=1e-6)
     assert valid == pytest.approx(expected_valid, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_the_script_submitted_by_hand_trains(cluster, default_data, tmp_path):
+    """slurm/train.sbatch as a user submits it, with sbatch alone: settings from the environment,
+    sbatch's options in place of the script's GPU defaults."""
+    overrides = SMALL + ["model.num_layers=2", f"train.tokens={4 * 2048}"]
+    env = {**cluster.env, "RECIPE": "proxy", "OVERRIDES": " ".join(overrides), "OUT_DIR": str(tmp_path),
+           "PYTHON": str(BIN / "python")}
+    submitted = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+                                f"--output={tmp_path}/%j.out", "slurm/train.sbatch"],
+                               cwd=ROOT, env=env, capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    job = cluster.wait(job_id, timeout=300)
+    log = (tmp_path / f"{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED", log[-3000:]
+    assert log.rstrip().endswith("run finished")
+    assert sorted(metrics(tmp_path / f"proxy-{job_id}")[0]) == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
@@ -121,6 +140,6 @@ def test_dry_run_renders_a_multi_node_gpu_script(default_data):
     result = subprocess.run(["bash", "-n"], input=out, text=True, capture_output=True)
     assert result.returncode == 0, result.stderr  # the script parses
     for line in ["#SBATCH --nodes=16", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --signal=B:USR1@180", "#SBATCH --requeue", "--container-image='nvcr.io#nvidia/pytorch:25.01-py3'",
-                 "CUDA_DEVICE_MAX_CONNECTIONS"]:
+                 "#SBATCH --signal=B:USR1@180", "#SBATCH --requeue", "CONTAINER='nvcr.io#nvidia/pytorch:25.01-py3'",
+                 "RECIPE=dense3b", "CUDA_DEVICE_MAX_CONNECTIONS"]:
         assert line in out

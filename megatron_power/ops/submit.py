@@ -1,4 +1,4 @@
-"""`megatron-power submit`: render train.sbatch.j2 (beside this module) for a recipe, check it, call sbatch.
+"""`megatron-power submit`: fill in the repository's slurm/train.sbatch for a recipe, check it, call sbatch.
 
 Everything is checked before sbatch runs: the recipe with its overrides validated for a world of
 nodes x processes per node (parallel sizes must divide it), the planner's memory per GPU against
@@ -22,7 +22,8 @@ from megatron_power.config import load_config
 from megatron_power.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: recipes, runs, logs
-TEMPLATE = Path(__file__).with_name("train.sbatch.j2")
+# A link to slurm/train.sbatch, so that the script reaches an installed package too.
+TEMPLATE = Path(__file__).with_name("train.sbatch")
 # SLURM's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 TIME_FORMAT = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")
 
@@ -72,6 +73,8 @@ def check(s: Submission) -> List[str]:
         errors.append("CONTAINER is empty (expected an image for pyxis, e.g. nvcr.io#nvidia/pytorch:25.01-py3)")
     if s.container_mounts and not s.container:
         errors.append("CONTAINER_MOUNTS given without CONTAINER (mounts belong to a container image)")
+    errors += [f"override '{o}' holds whitespace, which the SLURM script splits overrides on (write lists "
+               f"without spaces, e.g. [1,2])" for o in s.overrides if len(o.split()) != 1]
     if errors:
         return errors
     world = s.nodes * s.gpus_per_node
@@ -90,26 +93,39 @@ def check(s: Submission) -> List[str]:
 
 
 def render(s: Submission, config, job_name: str) -> str:
-    import jinja2
-
-    # name and out_dir are set by the script (the run is named after recipe and job)
+    """slurm/train.sbatch with this submission's #SBATCH lines in place of its defaults, and its
+    settings given their values (the environment no longer changes them)."""
+    array = bool(s.array)
+    sbatch = [f"--job-name={job_name}", f"--nodes={s.nodes}", f"--ntasks-per-node={s.gpus_per_node}"]
+    if not s.cpu:
+        sbatch += [f"--gpus-per-node={s.gpus_per_node}", "--exclusive"]
+    sbatch.append(f"--cpus-per-task={s.cpus_per_task or (1 if s.cpu else 8)}")
+    sbatch += [f"--{key}={value}" for key, value in
+               (("time", s.time), ("partition", s.partition), ("account", s.account), ("array", s.array)) if value]
+    sbatch += [f"--output={s.log_dir}/%x-{'%A_%a' if array else '%j'}.out", "--open-mode=append",
+               f"--signal=B:USR1@{s.signal_lead}", "--requeue"]
+    # name and out_dir are the script's (the run is named after recipe and job)
     overrides = [o for o in s.overrides if not o.startswith(("name=", "out_dir="))]
-    container_flags = []
-    if s.container:
-        mounts = ",".join(m for m in (f"{ROOT}:{ROOT}", s.container_mounts) if m)
-        container_flags = [f"--container-image={shlex.quote(s.container)}",
-                           f"--container-mounts={shlex.quote(mounts)}", f"--container-workdir={ROOT}"]
-    python = "python" if s.container else sys.executable  # the environment this command runs in
-    template = jinja2.Template(TEMPLATE.read_text(), keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-    return template.render(
-        recipe=shlex.quote(s.recipe), nodes=s.nodes, tasks_per_node=s.gpus_per_node, gpus=not s.cpu,
-        cpus_per_task=s.cpus_per_task or (1 if s.cpu else 8), time=s.time, partition=s.partition,
-        account=s.account, array=s.array, job_name=job_name, log_dir=s.log_dir,
-        signal_lead=s.signal_lead, repo=ROOT, out_dir=shlex.quote(str(Path(config.out_dir).absolute())),
-        run_name=f"{config.name}-" + "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}",
-        container_flags=container_flags, python=python, overrides=[shlex.quote(o) for o in overrides],
-        points_file=shlex.quote(str(s.points_file.absolute())) if s.points_file else None,
-    )
+    settings = {
+        "RECIPE": s.recipe, "OVERRIDES": " ".join(overrides), "OUT_DIR": str(Path(config.out_dir).absolute()),
+        "RUN": config.name, "POINTS_FILE": str(s.points_file.absolute()) if s.points_file else "",
+        "WORKDIR": str(ROOT), "PYTHON": "python" if s.container else sys.executable,  # this command's environment
+        "CONTAINER": s.container or "", "CONTAINER_MOUNTS": s.container_mounts or "",
+    }
+    lines, header_done = [], False
+    for line in TEMPLATE.read_text().splitlines():
+        if line.startswith("#SBATCH"):
+            if not header_done:
+                lines += [f"#SBATCH {option}" for option in sbatch]
+                header_done = True
+            continue
+        key = line.split("=", 1)[0]
+        if key in settings and line.startswith(f"{key}=${{{key}:-"):
+            value = f"{key}={shlex.quote(settings[key])}"
+            comment = line.find("  #")
+            line = value if comment < 0 else f"{value:<40} {line[comment:].lstrip()}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def submit(s: Submission, dry_run: bool = False) -> int:
