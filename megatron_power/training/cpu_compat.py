@@ -96,17 +96,16 @@ class _TorchOnCpu(types.ModuleType):
         return getattr(torch, name)
 
 
-# Modules that create bookkeeping tensors with a literal device="cuda".
+# Modules that create bookkeeping tensors with a literal device="cuda" on the paths a CPU run takes.
+# Others do only on paths it never takes: grad_scaler (fp16 loss scaling), param_and_grad_buffer
+# (NCCL user-buffer warm-up), dist_checkpointing's exchange_utils and save-plan reuse check (the
+# fully parallel and cached-plan strategies, which checkpoint.py does not use).
 _LITERAL_CUDA_MODULES = (
     "megatron.core.pipeline_parallel.schedules",  # total_num_tokens counters
     "megatron.core.optimizer.optimizer",  # FP32Optimizer._scale, found_inf, overflow buffers
     "megatron.core.optimizer.clip_grads",  # grad-norm accumulators
-    "megatron.core.optimizer.grad_scaler",  # loss-scale tensors
-    "megatron.core.distributed.param_and_grad_buffer",  # communication warm-up tensor
     "megatron.core.transformer.utils",  # default causal masks
     "megatron.core.utils",  # grad-norm and misc reductions
-    "megatron.core.dist_checkpointing.exchange_utils",  # load-time shard exchange
-    "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # save-plan reuse check
 )
 
 
