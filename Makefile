@@ -15,9 +15,10 @@ PIP_EXTRA  ?=
 # The interpreter the venv is made with (megatron-core 0.19 needs Python >= 3.12): PYTHON=, else
 # python3 when it is new enough, else python3.12 or python3.13 on the PATH, else pyenv's newest
 # 3.12 or 3.13 (pyenv's shims refuse a version that is installed but not selected).
+NEW_ENOUGH := -c 'import sys; sys.exit(sys.version_info < (3, 12))'
 ifeq ($(origin PYTHON),undefined)
 PYTHON := $(shell \
-	new_enough() { "$$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; }; \
+	new_enough() { "$$1" $(NEW_ENOUGH) 2>/dev/null; }; \
 	if new_enough python3; then echo python3; exit; fi; \
 	for minor in 12 13; do \
 		if new_enough python3.$$minor; then echo python3.$$minor; exit; fi; \
@@ -51,7 +52,7 @@ setup-plot: $(VENV)/.installed-plot
 
 $(VENV)/.installed-torch:
 	@if [ -z "$(PYTHON)" ]; then echo "error: no Python >= 3.12 found (looked for python3, python3.12 and python3.13 on the PATH and in pyenv): install Python 3.12, or name one with PYTHON=/path/to/python3.12" >&2; exit 1; fi
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || { echo "error: PYTHON=$(PYTHON) is not a Python >= 3.12 (megatron-core 0.19 needs one): name another, or leave PYTHON unset to find one" >&2; exit 1; }
+	@$(PYTHON) $(NEW_ENOUGH) 2>/dev/null || { echo "error: PYTHON=$(PYTHON) is not a Python >= 3.12 (megatron-core 0.19 needs one): name another, or leave PYTHON unset to find one" >&2; exit 1; }
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 		echo "Reusing the system's CUDA torch (and TE/Apex if present)"; \
 		$(PYTHON) -m venv --system-site-packages $(VENV) && touch $(VENV)/.system-site; \
@@ -61,7 +62,7 @@ $(VENV)/.installed-torch:
 	@touch $@
 
 $(VENV)/.installed-base: pyproject.toml $(CONSTRAINTS) $(VENV)/.installed-torch
-	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 12))' || { echo "error: $(VENV) was made with $$($(BIN)/python -V), and megatron-core 0.19 needs Python >= 3.12: run make clean-venv, then this command again" >&2; exit 1; }
+	@$(BIN)/python $(NEW_ENOUGH) || { echo "error: $(VENV) was made with $$($(BIN)/python -V), and megatron-core 0.19 needs Python >= 3.12: run make clean-venv, then this command again" >&2; exit 1; }
 	$(BIN)/pip install -q $(PIP_EXTRA) $(PIN) -e .
 	@touch $@
 
