@@ -7,10 +7,13 @@ On a GPU machine with the packages installed it runs, in order:
    ones, grouped-GEMM experts, checkpoints across GPU and CPU and to Hugging Face, coordinate check);
 3. the MFU benchmark (bench/gpu_mfu.py: dense3b and moe3b, bf16 and FP8, depth cut to fit), with
    peak memory against the planner's estimate;
-4. the coordinate check on the GPU path, as a plot.
+4. the profile (part `profile`, in the same runs, after their timed steps): per recipe and
+   precision, the step's time by kind of kernel, device idle time, the most expensive kernels,
+   launches and host synchronisations per step with the Python lines that make them;
+5. the coordinate check on the GPU path, as a plot.
 
     python bench/gpu_check.py [--out runs/gpu-check] [--steps 12] [--warmup 4] [--accumulation 8]
-                              [--parts tests mfu coordcheck]
+                              [--parts tests mfu profile coordcheck]
 
 Each part's full output is kept beside report.md; a part that fails is reported and the rest run.
 """
@@ -67,7 +70,8 @@ def main():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--accumulation", type=int, default=8)
-    p.add_argument("--parts", nargs="+", choices=("tests", "mfu", "coordcheck"), default=["tests", "mfu", "coordcheck"])
+    p.add_argument("--parts", nargs="+", choices=("tests", "mfu", "profile", "coordcheck"),
+                   default=["tests", "mfu", "profile", "coordcheck"])
     args = p.parse_args()
     hw = hardware.detect()
     if not hw.cuda:
@@ -88,13 +92,16 @@ def main():
         "tests": [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v",
                   f"--junitxml={out / 'tests.xml'}"],
         "mfu": [sys.executable, "bench/gpu_mfu.py", "--steps", str(args.steps), "--warmup", str(args.warmup),
-                "--accumulation", str(args.accumulation), "--json", str(out / "mfu.json")],
+                "--accumulation", str(args.accumulation), "--json", str(out / "mfu.json")]
+        + (["--profile", str(out / "profile")] if "profile" in args.parts else []),
         "coordcheck": [sys.executable, "-m", "megatron_power.cli", "coordcheck", "proxy", "--widths",
                        "128,256,512,1024", "--steps", "7", "--out", str(out / "coordcheck"),
                        "model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
                        "train.micro_batch_size=8", "schedule.lr_max=0.02", f"out_dir={out}"],
     }
-    parts = [run(name, commands[name], out) for name in args.parts]
+    # The profile comes from the MFU runs (after their timed steps): one run per recipe and precision.
+    names = [name for name in commands if name in args.parts or (name == "mfu" and "profile" in args.parts)]
+    parts = [run(name, commands[name], out) for name in names]
     write_report(out, machine, parts, time.time() - start)
     sys.exit(0 if all(part["exit_code"] == 0 for part in parts) else 1)
 
@@ -118,6 +125,9 @@ def write_report(out: Path, machine: dict, parts: list, seconds: float) -> None:
                   f"| {r['recipe']} | {r['layers']} | {r['precision']} | {r['tokens_per_s']:,} | {r['tflops']} | "
                   f"{r['mfu']:.1%} | {r['peak_gib']:.2f} | {r['planned_gib']:.2f} | {r['peak_vs_plan']:.2f} |"
                   for r in table["rows"]]
+    profiles = sorted((out / "profile").glob("*.md")) if (out / "profile").is_dir() else []
+    if profiles:
+        lines += ["", "## Profile", ""] + [p.read_text().replace("### steps", f"### {p.stem}: steps", 1) for p in profiles]
     coord = out / "coordcheck.log"
     if coord.is_file():
         lines += ["", "## Coordinate check (GPU)", ""] + [f"    {line}" for line in coord.read_text().splitlines()

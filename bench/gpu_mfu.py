@@ -10,18 +10,22 @@ MFU is against the exact device's dense bf16 peak (hardware.BF16_PEAK_TFLOPS), f
 as Megatron-LM reports it, so that the two precisions compare. FP8 needs Transformer Engine;
 without it the FP8 rows are skipped rather than measured as bf16. Peak memory (the training
 process's max_memory_allocated) is set beside the planner's estimate for the same layout.
+With --profile DIR each run goes on past its timed steps: PROFILED_STEPS profiled steps, one whose
+host synchronisations are counted, and a last one, which also evaluates (profile.start_step,
+training/probes/profile.py); each run's summary is copied to DIR/<recipe>-<precision>.md and .json.
 
 Reference: Megatron-Core's published 41% MFU for a 1.7B model in bf16 on H100.
 
     .venv/bin/python bench/gpu_mfu.py [--recipes dense3b moe3b] [--precisions bf16 fp8]
                                       [--steps 30] [--warmup 10] [--accumulation 16] [--layers N]
-                                      [--json table.json]
+                                      [--json table.json] [--profile DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +41,7 @@ from megatron_power.training import hardware  # noqa: E402
 
 ONE_GPU = ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.sequence_parallel=false"]
 PRECISION = {"bf16": ["precision.fp8=null"], "fp8": []}  # the 3B recipes name their FP8 setting
+PROFILED_STEPS = 2
 
 
 def bf16_peak(gpu_name: str, override_tflops: float) -> float:
@@ -60,15 +65,20 @@ def fitting_depth(recipe: str, overrides: list, capacity_gib: float) -> int:
     sys.exit(f"{recipe}: not even one layer fits in {capacity_gib:.0f} GiB by the planner")
 
 
-def measure(recipe: str, overrides: list, steps: int, warmup: int):
+def measure(recipe: str, overrides: list, steps: int, warmup: int, profile_to: Path = None):
     """Tokens/s of `megatron-power train` over its steps after the warm-up, and its peak GPU memory
-    (GiB); None when the run fails (its output above says why)."""
+    (GiB); None when the run fails (its output above says why). `profile_to`: a path stem the
+    run's profile summary is copied to (.md, .json)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "megatron_power.cli", "train", recipe, f"out_dir={out}", "name=bench", *overrides]
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
             return None
-        rows = [json.loads(line) for line in (Path(out) / "bench" / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r]
+        run = Path(out) / "bench"
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        if profile_to:
+            for suffix in (".md", ".json"):
+                shutil.copy(run / "profile" / f"rank0{suffix}", profile_to.with_suffix(suffix))
+    rows = [r for r in rows if "loss" in r][:steps]
     start, end = rows[warmup - 1], rows[-1]
     return (end["tokens"] - start["tokens"]) / (end["time"] - start["time"]), max(r["max_memory_gib"] for r in rows)
 
@@ -83,6 +93,7 @@ def main():
     p.add_argument("--layers", type=int, default=0, help="depth to run (default: the most the planner fits)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak, if not an H100/H200")
     p.add_argument("--json", type=Path, help="also write the table here")
+    p.add_argument("--profile", type=Path, help="profile each run after its timed steps; summaries to this folder")
     args = p.parse_args()
     hw = hardware.detect()
     if not hw.cuda:
@@ -92,12 +103,18 @@ def main():
     subprocess.run([sys.executable, "-m", "megatron_power.cli", "data"], cwd=ROOT, check=True)
     peak = bf16_peak(hw.gpu_name, args.peak_tflops)
     capacity = hw.gpu_memory_gib
+    run_steps = args.steps
+    profiling = []
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        run_steps += PROFILED_STEPS + 2  # the counted step, and a last one (it also evaluates) after it
+        profiling = [f"profile.start_step={args.steps + 1}", f"profile.steps={PROFILED_STEPS}"]
     rows = []
     for recipe in args.recipes:
         base = load_config(recipe, ONE_GPU, 1, check_paths=False)
         batch = base.train.micro_batch_size * args.accumulation
         common = ONE_GPU + [f"train.global_batch_size={batch}",
-                            f"train.tokens={args.steps * batch * base.model.seq_length}",
+                            f"train.tokens={run_steps * batch * base.model.seq_length}",
                             "train.eval_interval=1000000", "train.eval_batches=1", "checkpoint.save=false"]
         # One depth for both precisions, the one that fits in FP8 (its weight copies take more),
         # so that their tokens/s compare.
@@ -114,7 +131,8 @@ def main():
             planned = plan.memory_per_gpu(config, counts, 1).total / plan.GIB
             row = {"recipe": recipe, "layers": f"{depth}/{base.model.num_layers}", "precision": precision,
                    "planned_gib": round(planned, 2)}
-            measured = measure(recipe, common + PRECISION[precision], args.steps, args.warmup)
+            measured = measure(recipe, common + PRECISION[precision] + profiling, args.steps, args.warmup,
+                               args.profile / f"{recipe}-{precision}" if args.profile else None)
             if measured is None:
                 row["failed"] = True
             else:

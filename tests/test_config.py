@@ -46,6 +46,8 @@ BAD = [
     (["model=5"], 1, "override: model: expected a section of model.* settings, got 5"),
     (["schedule.lr_max=inf"], 1, "schedule.lr_max must be a finite number, got inf"),
     (["schedule.lr_max=nan"], 1, "schedule.lr_max must be a finite number, got nan"),
+    (["profile.ranks=[0,2]"], 2, "profile.ranks [0, 2] must be ranks of this run (0 to 1)"),
+    (["profile.start_step=5", "profile.steps=0"], 1, "profile.start_step must be >= 0 (0: off) and profile.steps >= 1"),
 ]
 
 

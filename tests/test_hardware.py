@@ -74,12 +74,14 @@ def test_model_reads_the_policy():
     gpu = _fields(MOE + ["precision.fp8=hybrid"], GPU_ONLY)
     assert gpu["bf16"] and gpu["transformer_impl"] == "local" and not gpu["use_cpu_initialization"]
     assert not any(gpu[f] for f in ("masked_softmax_fusion", "persist_layer_norm", "apply_rope_fusion",
-                                    "gradient_accumulation_fusion", "moe_grouped_gemm", "moe_permute_fusion"))
+                                    "gradient_accumulation_fusion", "moe_grouped_gemm", "moe_permute_fusion",
+                                    "moe_router_fusion"))
     assert "fp8" not in gpu and gpu["moe_router_dtype"] == "fp32"
 
     te = _fields(MOE + ["precision.fp8=hybrid", "precision.recompute=selective"], GPU_TE)
     assert te["transformer_impl"] == "transformer_engine" and te["fp8"] == "hybrid"
-    assert te["moe_grouped_gemm"] and te["moe_permute_fusion"]
+    assert te["moe_grouped_gemm"] and te["moe_permute_fusion"] and te["moe_router_fusion"]
+    assert te["moe_token_dispatcher_type"] == gpu["moe_token_dispatcher_type"] == "alltoall"
     # Without Apex's wgrad kernel, Megatron's output layer raises at construction if this is on.
     assert not te["gradient_accumulation_fusion"]
     with_apex = _fields(MOE, replace(GPU_TE, apex=True, fused_wgrad=True))

@@ -7,6 +7,9 @@ order can move a near-tie token to another expert; seen: agreement to about 1e-5
 """
 
 
+import gzip
+import json
+
 import pytest
 
 from helpers import metrics, records, run_train
@@ -20,14 +23,20 @@ MOE = [
     "train.global_batch_size=16", "train.micro_batch_size=8", f"train.tokens={sum(BATCHES) * 128}",
     f"train.batch_schedule=[[0,16],[{6 * 16 * 128},32]]",
     "train.eval_interval=1000", "checkpoint.interval=1000", "schedule.warmup=0", "schedule.decay=0",
+    "train.log_interval=4",
 ]
-ROUTED = [batch * 128 * 2 for batch in BATCHES]  # per step: sequences x tokens x top-k
+# Router statistics are reported at the log steps (the first, every 4th, the last), each over the
+# steps since the one before: sequences x tokens x top-k.
+REPORTS = [[1], [2, 3, 4], [5, 6, 7, 8]]
+ROUTED = [sum(BATCHES[step - 1] * 128 * 2 for step in steps) for steps in REPORTS]
+# The reference run profiles steps 2 and 3 and counts step 4's host synchronisations.
+PROFILE = ["profile.start_step=2", "profile.steps=2"]
 
 
 @pytest.fixture(scope="module")
 def reference(default_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("moe")
-    run_train(out, "single", MOE)
+    run_train(out, "single", MOE + PROFILE)
     return out / "single"
 
 
@@ -67,7 +76,7 @@ def test_router_statistics_reach_tensorboard(reference):
     tags = set(events.Tags()["scalars"])
     assert {"load_balancing_loss", "moe/load_balancing_loss_layer_0", "moe/load_balancing_loss_layer_1"} <= tags
     values = [e.value for e in events.Scalars("load_balancing_loss")]
-    assert len(values) == STEPS
+    assert [e.step for e in events.Scalars("load_balancing_loss")] == [steps[-1] for steps in REPORTS]
     # Megatron tracks the switch load-balancing loss before its coefficient: about 1 when the 4
     # experts share tokens evenly, up to 4 when one takes them all.
     assert all(0.9 < v < 4.0 for v in values), values
@@ -75,7 +84,41 @@ def test_router_statistics_reach_tensorboard(reference):
         # tokens x top-k, each counted once; the busiest of 4 experts takes between 1/4 and all of them
         assert scalars(reference, f"moe/tokens_routed/layer_{layer}") == ROUTED
         assert all(1.0 <= v <= 4.0 for v in scalars(reference, f"moe/max_load/layer_{layer}"))
-        assert len(events.Histograms(f"moe/expert_load/layer_{layer}")) == STEPS
+        assert len(events.Histograms(f"moe/expert_load/layer_{layer}")) == len(REPORTS)
+
+
+def test_a_step_waits_for_the_device_only_where_budgeted(reference):
+    """The host synchronisations of step 4 (2 micro-batches, a log step), counted by their Python
+    line (training/probes/host_syncs.py), against a budget: per MoE layer and micro-batch, the
+    all-to-all dispatcher's wait for the tokens per expert (1); per step, the loss with the stop
+    request and the grad norm (2); at a log step, Megatron's router report (2) and the expert load
+    (1). This repository's own code may make only the loss read and the expert-load read.
+
+    Before this budget, by the same count: 16 per step (each micro-batch's loss read, the loss and
+    the stop request read apart, the router reported every step, and the allgather dispatcher's
+    two waits per layer and micro-batch)."""
+    summary = json.loads((reference / "profile" / "rank0.json").read_text())
+    sites = summary["host_sync_sites"]
+    assert summary["counted_step"] == 4
+    assert sum(sites.values()) <= 2 * 2 * 1 + 2 + 3, sites
+    ours = {site.split(" (")[0].split(":")[0]: calls for site, calls in sites.items() if site.startswith("megatron_power")}
+    assert ours == {"megatron_power/training/step.py": 1, "megatron_power/training/probes/expert_load.py": 1}, sites
+
+
+def test_profile_of_the_cpu_run_explains_the_step(reference):
+    """The summary `make gpu-check --parts profile` reports on a GPU, from the CPU's trace."""
+    summary = json.loads((reference / "profile" / "rank0.json").read_text())
+    assert summary["device"] == "cpu" and summary["steps"] == 2
+    shares = {label: c["share"] for label, c in summary["categories"].items()}
+    assert sum(shares.values()) == pytest.approx(1, abs=1e-3)
+    # A small model on the CPU: matrix products lead; routing, attention and the optimizer all take time.
+    assert max(shares, key=shares.get) in ("GEMM", "norms, elementwise, other"), shares
+    for label in ("GEMM", "attention", "MoE routing / permute / dispatch", "optimizer"):
+        assert shares.get(label, 0) > 0.005, shares
+    assert len(summary["top"]) == 20 and summary["launches_per_step"] > 1000
+    with gzip.open(reference / "profile" / "rank0.trace.json.gz") as trace:
+        names = {e.get("name") for e in json.load(trace)["traceEvents"]}
+    assert {"megatron-power step 2", "megatron-power step 3"} <= names
 
 
 NOISE_STEPS = 10

@@ -177,6 +177,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler around a few steps, then one step's host synchronisations counted
+    (training/probes/profile.py): runs/<name>/profile/."""
+
+    start_step: int = 0  # the first profiled step; 0: off
+    steps: int = 3
+    ranks: List[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
 class Config:
     name: str = "proxy"  # the run's directory under out_dir: letters, digits, '.', '_', '-'
     out_dir: str = "runs"
@@ -189,6 +199,7 @@ class Config:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     @property
     def run_dir(self) -> Path:

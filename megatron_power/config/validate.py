@@ -96,6 +96,11 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
             errors.append(f"checkpoint.init_from: {e}")
     need(t.noise_scale_interval >= 0, f"train.noise_scale_interval must be >= 0, got {t.noise_scale_interval}")
     need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    pf = c.profile
+    need(pf.start_step >= 0 and pf.steps >= 1,
+         f"profile.start_step must be >= 0 (0: off) and profile.steps >= 1, got {pf.start_step} and {pf.steps}")
+    need(all(0 <= r < world_size for r in pf.ranks),
+         f"profile.ranks {list(pf.ranks)} must be ranks of this run (0 to {world_size - 1})")
     need(bool(NAME_PATTERN.fullmatch(c.name)),
          f"name '{c.name}' must be letters, digits, '.', '_' or '-' (it names the run directory)")
 

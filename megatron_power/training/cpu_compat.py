@@ -39,6 +39,9 @@ def install(hw) -> None:
     _installed = True
 
 
+_COMPUTE_DEVICE = torch.device("cpu")  # what stands in for the GPU
+
+
 class _NullStream:
     """Stands in for torch.cuda.Stream/Event: on CPU every operation is already ordered."""
 
@@ -51,11 +54,16 @@ class _NullStream:
     def query(self):
         return True
 
+    def synchronize(self):
+        """Named, not left to __getattr__, so that probes/host_syncs.py can count the calls."""
+
 
 def _cuda_runtime_queries() -> None:
     # `device=torch.cuda.current_device()` appears at ~150 sites (layers, rotary embedding,
-    # attention buffers, p2p receive buffers); on CPU the current device is the CPU.
-    torch.cuda.current_device = lambda: "cpu"
+    # attention buffers, p2p receive buffers); on CPU the current device is the CPU. A
+    # torch.device, not the string: where Megatron writes device="cpu" it means the host on a GPU
+    # run too, and probes/host_syncs.py tells the two apart by that.
+    torch.cuda.current_device = lambda: _COMPUTE_DEVICE
     # parallel_state.py, distributed_data_parallel.py, p2p_communication.py, dist_checkpointing:
     # synchronisation and caches of a device that does not exist.
     torch.cuda.synchronize = lambda *args, **kwargs: None
@@ -74,7 +82,7 @@ def _cuda_runtime_queries() -> None:
 def _on_cpu(kwargs: dict) -> dict:
     device = kwargs.get("device")
     if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
-        kwargs["device"] = "cpu"
+        kwargs["device"] = _COMPUTE_DEVICE
     return kwargs
 
 
@@ -230,9 +238,11 @@ def _moe_split_sizes() -> None:
     from megatron.core.transformer.moe import token_dispatcher
 
     def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
-        if as_numpy and torch.is_tensor(tensor):
-            return tensor.numpy()
-        return tensor
+        if not torch.is_tensor(tensor):
+            return tensor
+        # The copy the GPU path makes (a no-op here), so that probes/host_syncs.py sees host tensors.
+        tensor = tensor.to("cpu", non_blocking=True)
+        return tensor.numpy() if as_numpy else tensor
 
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 

@@ -26,6 +26,7 @@ from megatron_power.training.model import build_model, model_differences
 from megatron_power.training.optim import build_optimizer, wrap_model
 from megatron_power.training.probes.expert_load import ExpertLoad
 from megatron_power.training.probes.noise_scale import FirstMicrobatchProbe, NoiseScaleAverage
+from megatron_power.training.probes.profile import StepProfiler
 from megatron_power.training.schedule import TokenScheduler, phase_tokens, power_law_note
 from megatron_power.training.signals import StopRequest
 from megatron_power.training.step import evaluate, train_step
@@ -50,13 +51,13 @@ class TrainState:
 
 def _track_router(config: Config, step: int, num_microbatches: int, writer, expert_load: ExpertLoad) -> None:
     """The load-balancing loss of each MoE layer (Megatron's own tracker, reduced over the
-    pipeline) and each expert's load to TensorBoard; every rank takes part, the logging rank writes."""
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, track_moe_metrics
+    pipeline) and each expert's load to TensorBoard, over the `num_microbatches` since the last
+    report; every rank takes part, the logging rank writes."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
-    track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=step, writer=writer,
-                      per_layer_logging=True, force_initialize=True,
-                      track_names=["load_balancing_loss"], num_layers=config.model.num_layers)
-    clear_aux_losses_tracker()
+    get_moe_metrics_tracker().report(loss_scale=1.0 / num_microbatches, iteration=step, writer=writer,
+                                     per_layer_logging=True, force_initialize=True,
+                                     track_names=["load_balancing_loss"], num_layers=config.model.num_layers)
     expert_load.write(writer, step)
 
 
@@ -144,7 +145,9 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
         raise ConfigError(refusal)
     rt = runtime.initialize(config)
     run_lock.hold(config.run_dir, rt)
-    gpt_model = build_model(config, vocab_size)
+    profiler = StepProfiler(config.profile, rt.rank, rt.hardware.cuda, config.run_dir)
+    with profiler.watching():
+        gpt_model = build_model(config, vocab_size)
     model = wrap_model(config, gpt_model)
     m = config.model
     expert_load = ExpertLoad(gpt_model, m.num_layers, m.num_experts, rt.device) if m.num_experts else None
@@ -175,6 +178,7 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     if rt.rank == 0:
         config.run_dir.mkdir(parents=True, exist_ok=True)
         (config.run_dir / "config.yaml").write_text(to_yaml(config))
+    routed_microbatches = 0  # since the router statistics were last reported
 
     def save():
         if config.checkpoint.save:
@@ -183,6 +187,7 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
 
     # The budget is in tokens, so a run resumed with another batch size ends where it should.
     while state.consumed_tokens + batch * seq <= t.tokens:
+        profiler.at(state.step + 1)
         lr = scheduler.step(state.consumed_tokens, batch * seq)
         batches = micro_batches(train_data, state.consumed_samples, batch, t.micro_batch_size, rt.dp, rt.dp_rank)
         probe = None
@@ -208,7 +213,10 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
         log.step(state.step, state.consumed_tokens, result.loss, lr, result.grad_norm, state.skipped_steps, batch)
         b_simple = _track_noise_scale(state, probe, log) if probe and result.finite else None
         if expert_load is not None:
-            _track_router(config, state.step, len(batches), log.writer, expert_load)
+            routed_microbatches += len(batches)
+            if log.reports(state.step) or result.stop:
+                _track_router(config, state.step, routed_microbatches, log.writer, expert_load)
+                routed_microbatches = 0
         # Decided before the checkpoint, which then holds the batch the next step uses.
         state.global_batch_size = _next_batch(config, state, b_simple)
         if state.global_batch_size != batch:
@@ -232,6 +240,7 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
         # Tells a SLURM job that stopped on a signal at the very end not to requeue itself.
         if rt.rank == 0:
             (config.run_dir / FINISHED).write_text(json.dumps({"step": state.step, "tokens": state.consumed_tokens}))
+    profiler.close()
     saved_at = checkpoint.latest(ckpt_dir) if config.checkpoint.save else None
     log.info(f"run folder {config.run_dir}; " + (f"last checkpoint {saved_at}" if saved_at else "no checkpoint"))
     log.close()

@@ -68,6 +68,12 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
 
+    def reports(self, step: int) -> bool:
+        """Whether `step` prints its line (and reports what is only summed up at the log interval):
+        every train.log_interval steps, the first step of this run and the last. The same answer
+        on every rank."""
+        return step % self.config.train.log_interval == 0 or step in (self.start_step + 1, self.final_step)
+
     def step(self, step, tokens, loss, lr, grad_norm, skipped, batch) -> None:
         if not self.active:
             return
@@ -87,16 +93,14 @@ class MetricsLogger:
             row["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         self._record(**row)
 
-        interval = self.config.train.log_interval
-        total = self.final_step
-        if step % interval and step != total and step != self.start_step + 1:
+        if not self.reports(step):
             return
         now = time.time()
         tokens_per_s = (tokens - self.window_tokens) / max(now - self.window_time, 1e-9)
         w.add_scalar("throughput/tokens_per_s", tokens_per_s, step)
         # By tokens, which a growing batch keeps comparable from step to step.
         per_token = (now - self.start_time) / max(tokens - self.start_tokens, 1)
-        print(f"step {step}/{total} | tokens {format_count(tokens, '.2f')} | loss {loss:.4f} | lr {lr:.3e} | "
+        print(f"step {step}/{self.final_step} | tokens {format_count(tokens, '.2f')} | loss {loss:.4f} | lr {lr:.3e} | "
               f"grad {grad_norm:.3f} | {format_count(tokens_per_s, '.2f')} tok/s | "
               f"elapsed {_duration(now - self.start_time)} | eta {_duration(per_token * (self.config.train.tokens - tokens))}",
               flush=True)

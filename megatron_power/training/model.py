@@ -99,9 +99,16 @@ def moe_fields(config, hw: Hardware) -> dict:
         moe_router_pre_softmax=False,  # top-k on logits, softmax over the chosen k (GraniteMoe)
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
-        moe_token_dispatcher_type="alltoall" if config.parallel.ep > 1 else "allgather",
+        # All-to-all under every layout, one expert group too: the dropless output size is known
+        # on the host, the tokens per expert reach it on a side stream with one wait per layer,
+        # and the fused permute carries the probabilities (the allgather dispatcher waits twice,
+        # for a blocking copy and a masked_select). What Megatron-Bridge's MoE recipes use.
+        moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=hw.transformer_engine,
         moe_permute_fusion=hw.transformer_engine,
+        # TE's fused top-k, softmax and aux loss (it takes top-k-then-softmax too): one kernel for
+        # what is a dozen small ones per MoE layer and micro-batch.
+        moe_router_fusion=hw.transformer_engine,
         # The router's softmax and top-k in fp32 under bf16 too, as on the CPU.
         moe_router_dtype="fp32",
     )

@@ -34,11 +34,10 @@ class StepResult:
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
     device = next(model.parameters()).device
-    per_token_loss = model(
-        batch["tokens"].to(device), batch["position_ids"].to(device), None,
-        labels=batch["labels"].to(device),
-    )
-    return per_token_loss, partial(_masked_mean, batch["loss_mask"].to(device))
+    if device.type == "cuda":  # from pinned memory the copies queue behind the GPU's work, not hold up the host
+        batch = {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
+    per_token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return per_token_loss, partial(_masked_mean, batch["loss_mask"])
 
 
 def _masked_mean(loss_mask, per_token_loss):
@@ -59,15 +58,17 @@ def run_microbatches(config: Config, model, batches, forward_only: bool, step_fu
 def global_mean_loss(losses, rt: Runtime, stop: bool = False):
     """The loss averaged over micro-batches and data-parallel ranks, known to every rank.
 
-    One all-reduce also carries the stop request, so that every rank stops at the same step.
+    One all-reduce also carries the stop request, so that every rank stops at the same step, and
+    the host reads the result once: the step's one wait for the GPU besides the grad norm's.
     """
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
     if rt.is_last_stage and ps.get_tensor_model_parallel_rank() == 0 and losses:
-        totals[0] = sum(float(x["lm loss"]) for x in losses) / len(losses)
+        totals[0] = torch.stack([x["lm loss"] for x in losses]).double().sum() / len(losses)
         totals[1] = 1.0
     totals[2] = float(stop)
     dist.all_reduce(totals)
-    return float(totals[0] / totals[1]), bool(totals[2] > 0)
+    loss_sum, last_stages, stops = totals.tolist()
+    return loss_sum / last_stages, stops > 0
 
 
 def train_step(config: Config, model, optimizer, batches, rt: Runtime, stop_requested: bool = False,

@@ -3,7 +3,8 @@
 A forward hook on every router of this rank counts the routing map's columns in training
 forwards (evaluation runs without grad; a fully recomputed layer counts once, in its backward
 recompute). Under sequence parallelism each TP rank routes its own part of the sequence, so the
-counts summed over all ranks count every token once. Written to TensorBoard every step:
+counts summed over all ranks count every token once. Written to TensorBoard at each log step
+(train.log_interval), summed over the steps since the last:
   moe/tokens_routed/layer_i   tokens x top-k routed in layer i (all of them: routing is dropless)
   moe/max_load/layer_i        the busiest expert's tokens over the mean (1 is perfectly even)
   moe/expert_load/layer_i     histogram of every expert's tokens over the mean

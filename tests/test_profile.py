@@ -1,0 +1,80 @@
+"""The profile summary of a GPU trace (training/probes/trace_summary.py), before a GPU is lent.
+
+A CPU run's trace has no kernels (tests/test_moe.py summarises a real one); this one is written in
+the Chrome-trace layout Kineto gives for CUDA: kernels on the device's stream, each tied to its
+cudaLaunchKernel on the host by a correlation id, the launch inside the Python functions and
+operators that made it, the step inside the annotation the training loop puts around it.
+"""
+
+import pytest
+
+from megatron_power.training.probes import host_syncs, trace_summary
+
+HOST, STREAM = {"pid": 100, "tid": 100}, {"pid": 0, "tid": 7}
+
+
+def host(cat, name, ts, dur, **args):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": args, **HOST}
+
+
+def kernel(name, ts, dur, correlation, cat="kernel"):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"correlation": correlation}, **STREAM}
+
+
+def launch(ts, correlation, name="cudaLaunchKernel"):
+    return host("cuda_runtime", name, ts, 2, correlation=correlation)
+
+
+# One 1000 us step: a grouped expert GEMM, a plain GEMM, a flash-attention kernel, a permute kernel
+# launched from Megatron's MoE utilities, an NCCL all-reduce and a D2H copy behind a stream sync.
+# The device is busy 100+200+100+50+150 (+50 copy) = 650 us of it.
+TRACE = {"traceEvents": [
+    host("user_annotation", "megatron-power step 5", 0, 1000),
+    host("python_function", "megatron/core/transformer/moe/experts.py(300): forward", 10, 100),
+    host("python_function", "transformer_engine/pytorch/module/grouped_linear.py(700): forward", 20, 50),
+    launch(30, 1), kernel("sm90_xmma_gemm_bf16bf16_bf16f32", 100, 100, 1),
+    host("cpu_op", "aten::mm", 150, 20), launch(155, 2), kernel("nvjet_tst_128x256_64x4", 210, 200, 2),
+    host("python_function", "megatron/core/extensions/transformer_engine.py(900): forward", 200, 40),
+    launch(210, 3), kernel("flash_fwd_kernel<Flash_fwd_kernel_traits>", 420, 100, 3),
+    host("python_function", "megatron/core/transformer/moe/moe_utils.py(200): permute", 300, 40),
+    launch(310, 4), kernel("void moe_permute_row_map<float>", 530, 50, 4),
+    host("cpu_op", "c10d::allreduce_", 400, 30), launch(405, 5),
+    kernel("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 600, 150, 5),
+    host("cpu_op", "aten::_local_scalar_dense", 500, 300), launch(505, 6, "cudaMemcpyAsync"),
+    kernel("Memcpy DtoH (Device -> Pageable)", 760, 50, 6, cat="gpu_memcpy"),
+    host("cuda_runtime", "cudaStreamSynchronize", 510, 280),
+]}
+
+
+def test_gpu_trace_is_summarised_by_category_idle_time_and_synchronisations():
+    summary = trace_summary.summarize(TRACE)
+    assert summary["device"] == "gpu" and summary["steps"] == 1 and summary["step_ms"] == 1.0
+    ms = {label: c["ms_per_step"] for label, c in summary["categories"].items()}
+    assert ms == {"grouped GEMM": 0.1, "GEMM": 0.2, "attention": 0.1, "MoE routing / permute / dispatch": 0.05,
+                  "communication": 0.15, "norms, elementwise, other": 0.05}
+    assert summary["device_idle_share"] == pytest.approx(1 - 0.65)
+    assert summary["launches_per_step"] == 5  # the copy is a cudaMemcpyAsync, not a launch
+    assert summary["syncs_per_step"] == {"synchronize calls": 1, "device-to-host copies": 1,
+                                         "aten::_local_scalar_dense (.item() and friends)": 1}
+    assert summary["top"][0]["name"] == "nvjet_tst_128x256_64x4"
+    text = trace_summary.markdown(summary, "dense3b bf16")
+    assert "device idle 35.0% of the step" in text and "| grouped GEMM | 0.10 | 15.4% |" in text
+
+
+def test_a_trace_without_step_annotations_is_refused():
+    with pytest.raises(ValueError, match="megatron-power step"):
+        trace_summary.summarize({"traceEvents": [launch(0, 1)]})
+
+
+def test_host_sync_counter_counts_device_reads_not_host_ones():
+    import torch
+
+    device_tensor = torch.ones(4, device="cpu")  # a device given: on a GPU run, on the GPU
+    with host_syncs.HostSyncCounter() as syncs:
+        counts = device_tensor.long().cpu()  # the copy waits
+        counts.sum().item()  # a host tensor: free
+        float(device_tensor.sum())  # waits
+        device_tensor[device_tensor > 0]  # a boolean mask: waits for the output size
+        torch.zeros(3).tolist()  # made on the host: free
+    assert syncs.total == 3, syncs.sites
+    assert all(site.startswith("tests/test_profile.py:") for site in syncs.sites), syncs.sites
