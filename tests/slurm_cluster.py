@@ -95,6 +95,15 @@ class Cluster:
                              text=True).stdout
         return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
+    def wait_for_text(self, path: Path, text: str, timeout: float) -> None:
+        """Until a job's output file holds `text`."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if path.is_file() and text in path.read_text():
+                return
+            time.sleep(1)
+        raise TimeoutError(f"{path} has no '{text}' after {timeout} s")
+
     def wait(self, job_id: str, timeout: float) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
