@@ -48,6 +48,7 @@ BAD = [
     (["schedule.lr_max=nan"], 1, "schedule.lr_max must be a finite number, got nan"),
     (["profile.ranks=[0,2]"], 2, "profile.ranks [0, 2] must be ranks of this run (0 to 1)"),
     (["profile.start_step=5", "profile.steps=0"], 1, "profile.start_step must be >= 0 (0: off) and profile.steps >= 1"),
+    (["logging.wandb.project=p", "logging.wandb.mode=disabled"], 1, "logging.wandb.mode must be online or offline, got 'disabled'"),
 ]
 
 

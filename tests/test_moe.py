@@ -29,14 +29,16 @@ MOE = [
 # steps since the one before: sequences x tokens x top-k.
 REPORTS = [[1], [2, 3, 4], [5, 6, 7, 8]]
 ROUTED = [sum(BATCHES[step - 1] * 128 * 2 for step in steps) for steps in REPORTS]
-# The reference run profiles steps 2 and 3 and counts step 4's host synchronisations.
+# The reference run profiles steps 2 and 3 and counts step 4's host synchronisations, and logs to
+# Weights & Biases offline.
 PROFILE = ["profile.start_step=2", "profile.steps=2"]
+WANDB = ["logging.wandb.project=megatron-power-tests", "logging.wandb.mode=offline"]
 
 
 @pytest.fixture(scope="module")
 def reference(default_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("moe")
-    run_train(out, "single", MOE + PROFILE)
+    run_train(out, "single", MOE + PROFILE + WANDB)
     return out / "single"
 
 
@@ -85,6 +87,27 @@ def test_router_statistics_reach_tensorboard(reference):
         assert scalars(reference, f"moe/tokens_routed/layer_{layer}") == ROUTED
         assert all(1.0 <= v <= 4.0 for v in scalars(reference, f"moe/max_load/layer_{layer}"))
         assert len(events.Histograms(f"moe/expert_load/layer_{layer}")) == len(REPORTS)
+
+
+def test_weights_and_biases_holds_the_tensorboard_scalars(reference):
+    """Every scalar TensorBoard has (ours, Megatron's router report, the tokens-axis ones), at its
+    step, in the records `wandb sync` would upload; the histograms too; the recipe as the config."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from wandb_records import config, history
+
+    events = EventAccumulator(str(reference / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    rows = history(reference)
+    tags = events.Tags()
+    assert {"train/loss", "lr-vs-tokens/0_dense_wd", "load_balancing_loss"} <= set(tags["scalars"])
+    for tag in tags["scalars"]:
+        logged = [(row["global_step"], row[tag]) for row in rows if tag in row]
+        assert [step for step, _ in logged] == [e.step for e in events.Scalars(tag)], tag
+        assert [value for _, value in logged] == pytest.approx([e.value for e in events.Scalars(tag)], rel=1e-6), tag
+    for tag in tags["histograms"]:
+        assert sum(f"{tag}/values" in row for row in rows) == len(events.Histograms(tag)) == len(REPORTS), tag
+    recipe = config(reference)
+    assert recipe["model"]["num_experts"] == 4 and recipe["logging"]["wandb"]["mode"] == "offline"
 
 
 def test_a_step_waits_for_the_device_only_where_budgeted(reference):

@@ -187,6 +187,21 @@ class ProfileConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases beside TensorBoard (`pip install wandb`): the same scalars, the recipe as
+    the run's config; runs/<name>/wandb/ holds its files."""
+
+    project: Optional[str] = None  # None: off
+    entity: Optional[str] = None  # a team; None: the user's own
+    mode: str = "online"  # online | offline (written under the run folder, `wandb sync` later)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class Config:
     name: str = "proxy"  # the run's directory under out_dir: letters, digits, '.', '_', '-'
     out_dir: str = "runs"
@@ -200,6 +215,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -101,6 +101,13 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
          f"profile.start_step must be >= 0 (0: off) and profile.steps >= 1, got {pf.start_step} and {pf.steps}")
     need(all(0 <= r < world_size for r in pf.ranks),
          f"profile.ranks {list(pf.ranks)} must be ranks of this run (0 to {world_size - 1})")
+    wb = c.logging.wandb
+    need(wb.mode in ("online", "offline"), f"logging.wandb.mode must be online or offline, got '{wb.mode}'")
+    if wb.project is not None:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            errors.append("logging.wandb.project is set but wandb is not installed: pip install 'megatron-power[wandb]'")
     need(bool(NAME_PATTERN.fullmatch(c.name)),
          f"name '{c.name}' must be letters, digits, '.', '_' or '-' (it names the run directory)")
 

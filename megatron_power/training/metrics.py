@@ -1,10 +1,12 @@
-"""What a run reports: console lines, TensorBoard events and metrics.jsonl under runs/<name>/."""
+"""What a run reports: console lines, TensorBoard events (mirrored to Weights & Biases when the
+recipe names a project) and metrics.jsonl under runs/<name>/."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import os
+import secrets
 import time
 
 import torch
@@ -39,6 +41,26 @@ def _open_from(path, start_step: int):
     return open(path, "a")
 
 
+def _wandb_run(config):
+    """The Weights & Biases run beside TensorBoard, or None. Started before the TensorBoard
+    writer, wandb mirrors every event that writer writes (Megatron's router report included), each
+    at its TensorBoard step as `global_step`: the two hold the same scalars by construction. Its id is
+    kept in the run folder: a resumed run goes on in the same wandb run, a new run of the same name
+    starts another."""
+    wb = config.logging.wandb
+    if wb.project is None:
+        return None
+    import wandb
+    from omegaconf import OmegaConf
+
+    id_file = config.run_dir / "wandb-run-id"
+    if not id_file.is_file():
+        id_file.write_text(secrets.token_hex(4))
+    return wandb.init(project=wb.project, entity=wb.entity, mode=wb.mode, name=config.name,
+                      id=id_file.read_text(), resume="allow", dir=str(config.run_dir), sync_tensorboard=True,
+                      config=OmegaConf.to_container(OmegaConf.structured(config)))
+
+
 class MetricsLogger:
     """Only the logging rank (last pipeline stage) writes; other ranks keep quiet."""
 
@@ -52,11 +74,13 @@ class MetricsLogger:
         self.names = group_names(optimizer)
         self.writer = None
         self.jsonl = None
+        self.wandb_run = None
         if self.active:
             from torch.utils.tensorboard import SummaryWriter
 
             run_dir = config.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
+            self.wandb_run = _wandb_run(config)
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
             self.jsonl = _open_from(run_dir / "metrics.jsonl", start_step)
 
@@ -128,3 +152,5 @@ class MetricsLogger:
         if self.active:
             self.writer.close()
             self.jsonl.close()
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
