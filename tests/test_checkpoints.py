@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, SMALL, TOKENS_PER_STEP, command, metrics, run_train, truncate
+from helpers import ROOT, SMALL, TOKENS_PER_STEP, command, metrics, records, run_train, truncate
 from megatron_power.errors import CheckpointError
 from megatron_power.training import checkpoint
 
@@ -104,7 +104,15 @@ def test_a_run_saved_by_megatron_core_0_16_resumes_to_its_uninterrupted_losses(d
     shutil.copytree(LEGACY / "run", tmp_path / "run")
     result = run_train(tmp_path, "run", LEGACY_OVERRIDES)
     assert "resumed from" in result.stdout and "iter_0000002" in result.stdout
-    assert metrics(tmp_path / "run") == metrics(LEGACY / "uninterrupted")
+    (train, valid), (expected_train, expected_valid) = metrics(tmp_path / "run"), metrics(LEGACY / "uninterrupted")
+    assert train == expected_train
+    assert [r["grad_norm"] for r in records(tmp_path / "run", "loss")] == [
+        r["grad_norm"] for r in records(LEGACY / "uninterrupted", "loss")]
+    # The evaluation after the last update is the one number that moves with the CPU that runs it:
+    # bitwise equal on the machine that made the fixture and on an earlier CI machine, 1.2e-7 off
+    # (1.3e-8 relative) on an AMD EPYC with AVX-512, where the losses and grad norms stay bitwise equal.
+    assert valid.keys() == expected_valid.keys()
+    assert list(valid.values()) == pytest.approx(list(expected_valid.values()), rel=1e-7)
 
 
 @pytest.mark.slow
