@@ -21,6 +21,8 @@ warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
 warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.checkpoint")
 warnings.filterwarnings("ignore", message="MimoModelConfig is experimental")
+# torch's notice that its own `load` changed argument order, raised by Megatron's call into it.
+warnings.filterwarnings("ignore", message="The argument order of load has been changed")
 # Megatron reads a checkpoint's common state in one process, outside torch.distributed, by design.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -49,6 +51,32 @@ def _train(args) -> int:
     from megatron_power.training.loop import train
 
     train(config, stop)
+    return 0
+
+
+def _eval(args) -> int:
+    from megatron_power.config import load_config, world_size_from_env
+    from megatron_power.training.evaluation import evaluate_checkpoint
+
+    config = load_config(args.recipe, args.overrides, world_size_from_env())
+    loss = evaluate_checkpoint(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"validation loss {loss:.6f} ({config.checkpoint.init_from}, {config.train.eval_batches} batches "
+              f"of {config.train.global_batch_size} x {config.model.seq_length} tokens)")
+    return 0
+
+
+def _merge(args) -> int:
+    from pathlib import Path
+
+    # Merging reads and writes on the CPU in fp32 wherever it runs, as conversion does.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from megatron_power.training.merge import write_merged
+
+    weights = write_merged([Path(p) for p in args.checkpoints], args.last, args.weights, Path(args.out),
+                           args.overwrite)
+    print(f"wrote {args.out}: {len(weights)} checkpoints merged, weights (oldest first) "
+          f"{', '.join(f'{w:.4f}' for w in weights)}")
     return 0
 
 
@@ -408,6 +436,19 @@ def parser() -> argparse.ArgumentParser:
     train = _recipe_verb(verbs, "train", _train, "train a recipe (under torchrun for several processes)")
     train.add_argument("--smoke", action="store_true",
                        help="the recipe shrunk to CPU size, same structure and layout kinds (parallel sizes capped at 2)")
+
+    _recipe_verb(verbs, "eval", _eval, "validation loss of the weights of checkpoint.init_from, in the "
+                 "recipe's layout (under torchrun for several processes)")
+    merge = verbs.add_parser("merge", help="average a run's last checkpoints (WSM) into a checkpoint of its own")
+    merge.add_argument("checkpoints", nargs="+", metavar="RUN_OR_CHECKPOINT",
+                       help="a run folder or checkpoints directory (with --last), or iter_* checkpoints, oldest first")
+    merge.add_argument("out", help="the checkpoints directory to write (must not exist or be empty)")
+    merge.add_argument("--last", type=int, default=0, help="merge the newest N checkpoints")
+    merge.add_argument("--weights", default="uniform",
+                       help="uniform | linear | cosine | 1-sqrt (a decay over the window, by WSM's duality), or N "
+                            "comma-separated numbers")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    merge.set_defaults(run=_merge)
 
     data = verbs.add_parser("data", help="build the default corpus, tokenizer and indexed datasets")
     data.add_argument("--out", default=str(DEFAULT_DATA_DIR))

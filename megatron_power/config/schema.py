@@ -164,6 +164,17 @@ class ScheduleConfig:
 
 
 @dataclass
+class MergeConfig:
+    """Checkpoint merging while training (WSM, training/merge.py): at every `interval` steps the
+    newest `last` checkpoints, averaged with `weights`, are evaluated on the validation set and
+    logged as valid/merged_loss beside valid/loss: what a decay would reach, without one."""
+
+    interval: int = 0  # steps, a multiple of checkpoint.interval (it merges saved checkpoints); 0: off
+    last: int = 4  # at most checkpoint.keep
+    weights: str = "uniform"  # uniform | linear | cosine | 1-sqrt, or `last` comma-separated numbers
+
+
+@dataclass
 class CheckpointConfig:
     interval: int = 200  # steps; the last step always saves
     save: bool = True  # false only for throughput benchmarks: nothing is saved, not even on a stop
@@ -174,6 +185,7 @@ class CheckpointConfig:
     # Stage 1: any checkpoint of the same model, e.g. one imported by `convert from-hf`; only
     # the weights carry over. A run with checkpoints of its own resumes from those instead.
     init_from: Optional[str] = None
+    merge: MergeConfig = field(default_factory=MergeConfig)
 
 
 @dataclass

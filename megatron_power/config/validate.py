@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from megatron_power.config.schema import NAME_PATTERN, Config, DataConfig, parse_blend, world_size_from_env
 from megatron_power.errors import ConfigError
-from megatron_power.training import batch_schedule, schedule
+from megatron_power.training import batch_schedule, merge, schedule
 
 
 def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = True) -> List[str]:
@@ -101,6 +101,18 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
          f"profile.start_step must be >= 0 (0: off) and profile.steps >= 1, got {pf.start_step} and {pf.steps}")
     need(all(0 <= r < world_size for r in pf.ranks),
          f"profile.ranks {list(pf.ranks)} must be ranks of this run (0 to {world_size - 1})")
+    mg = c.checkpoint.merge
+    if mg.interval:
+        need(mg.interval > 0 and mg.interval % c.checkpoint.interval == 0,
+             f"checkpoint.merge.interval ({mg.interval}) must be a multiple of checkpoint.interval "
+             f"({c.checkpoint.interval}): it merges saved checkpoints")
+        need(2 <= mg.last <= c.checkpoint.keep, f"checkpoint.merge.last ({mg.last}) must be at least 2 and at "
+             f"most checkpoint.keep ({c.checkpoint.keep}), the checkpoints kept to merge")
+        need(c.checkpoint.save, "checkpoint.merge needs checkpoint.save (it merges saved checkpoints)")
+        try:
+            merge.coefficients(mg.weights, mg.last)
+        except ConfigError as e:
+            errors.append(f"checkpoint.merge.weights: {e}")
     wb = c.logging.wandb
     need(wb.mode in ("online", "offline"), f"logging.wandb.mode must be online or offline, got '{wb.mode}'")
     if wb.project is not None:

@@ -51,10 +51,8 @@ class TorchDistCheckpoint:
     def read(self, key: str, layer: Optional[int] = None, start: int = 0, stop: Optional[int] = None,
              meta: bool = False) -> torch.Tensor:
         """Rows `start:stop` of `key`'s global tensor, or of its `layer`-th slice along the first
-        axis. A view of the file where one chunk holds them all; else assembled from the chunks
-        they span. With `meta`, an empty tensor of that shape on the meta device, read from nothing."""
+        axis. With `meta`, an empty tensor of that shape on the meta device, read from nothing."""
         info = self.tensors[key]
-        dtype = info.properties.dtype
         first = [0] * len(info.size)
         size = list(info.size)
         row_axis = 0 if layer is None else 1
@@ -64,11 +62,19 @@ class TorchDistCheckpoint:
         first[row_axis], size[row_axis] = first[row_axis] + start, stop - start
         squeeze = (lambda t: t[0]) if layer is not None else (lambda t: t)
         if meta:
-            return squeeze(torch.empty(size, dtype=dtype, device="meta"))
+            return squeeze(torch.empty(size, dtype=info.properties.dtype, device="meta"))
+        return squeeze(self.region(key, first, size))
+
+    def region(self, key: str, first, size) -> torch.Tensor:
+        """The block of `key`'s global tensor that starts at `first` and spans `size`: a view of
+        the file where one chunk holds it all; else assembled from the chunks it spans."""
+        info = self.tensors[key]
+        dtype = info.properties.dtype
+        first, size = list(first), list(size)
         spans = [(c, r) for c in info.chunks if (r := _intersection(c.offsets, c.sizes, first, size)) is not None]
         if len(spans) == 1 and [hi - lo for lo, hi in spans[0][1]] == size:
             chunk, ranges = spans[0]
-            return squeeze(_narrow(self._chunk(key, chunk, dtype), ranges, chunk.offsets))
+            return _narrow(self._chunk(key, chunk, dtype), ranges, chunk.offsets)
         out = torch.empty(size, dtype=dtype)
         for chunk, ranges in spans:
             _narrow(out, ranges, first).copy_(_narrow(self._chunk(key, chunk, dtype), ranges, chunk.offsets))
@@ -76,7 +82,7 @@ class TorchDistCheckpoint:
         if covered != math.prod(size):
             raise ConversionError(f"{self.path}: the chunks of {key} cover {covered} of the {math.prod(size)} "
                                   f"elements asked for (a damaged checkpoint?)")
-        return squeeze(out)
+        return out
 
     def _chunk(self, key: str, chunk, dtype: torch.dtype) -> torch.Tensor:
         info = self.storage[(key, tuple(chunk.offsets))]

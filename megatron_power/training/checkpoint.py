@@ -31,7 +31,7 @@ LATEST = "latest"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
-def _core(model):
+def core(model):
     """The GPTModel inside Megatron's DDP (and Float16Module) wrappers, or the model itself."""
     while hasattr(model, "module"):
         model = model.module
@@ -39,7 +39,7 @@ def _core(model):
 
 
 def _sharded_state_dict(model, optimizer, state: Optional[dict], is_loading: bool) -> dict:
-    model_sd = _core(model).sharded_state_dict(prefix="")
+    model_sd = core(model).sharded_state_dict(prefix="")
     sharded = {"model": model_sd}
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(
@@ -101,7 +101,7 @@ def _no_space(error: BaseException, root: Path) -> bool:
 _NAME = re.compile(r"iter_(\d{7})")
 
 
-def _checkpoints(root: Path) -> List[Path]:
+def complete(root: Path) -> List[Path]:
     """The complete checkpoints (renamed from .tmp, with metadata.json), oldest first."""
     if not root.is_dir():
         return []
@@ -111,7 +111,7 @@ def _checkpoints(root: Path) -> List[Path]:
 def _prune(root: Path, step: int, keep: int) -> None:
     """Keep the checkpoint of `step` and the keep - 1 newest before it; never touch later ones (a run
     that fell back from a damaged checkpoint writes below it until it saves that step again)."""
-    older = [p for p in _checkpoints(root) if int(_NAME.fullmatch(p.name).group(1)) < step]
+    older = [p for p in complete(root) if int(_NAME.fullmatch(p.name).group(1)) < step]
     for old in older[:max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -166,7 +166,7 @@ def newest(root: Path) -> Tuple[Optional[Path], List[str]]:
     start again from step 0 over them."""
     notes = []
     marker = root / LATEST
-    candidates = _checkpoints(root)
+    candidates = complete(root)
     named = None
     if marker.is_file():
         named = marker.read_bytes().decode("utf-8", errors="replace").strip()
@@ -228,7 +228,7 @@ def load(path: Path, model, optimizer) -> dict:
     for k in absent:
         del sharded["model"][k]
     loaded = dist_checkpointing.load(sharded, str(path))
-    result = _core(model).load_state_dict(loaded["model"], strict=False)
+    result = core(model).load_state_dict(loaded["model"], strict=False)
     wrong = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)] + list(result.unexpected_keys)
     if wrong:
         raise CheckpointError(f"{path} does not match this model: {', '.join(wrong[:5])}")

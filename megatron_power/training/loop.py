@@ -17,7 +17,7 @@ from megatron_power.config.schema import (
 )
 from megatron_power.errors import CheckpointError, ConfigError, NonFiniteError
 from megatron_power.ops import plan
-from megatron_power.training import checkpoint, hardware, run_lock, runtime
+from megatron_power.training import checkpoint, hardware, merge, run_lock, runtime
 from megatron_power.training.batch_schedule import NOISE_SCALE, change_line, grown_batch, scheduled_batch, steps_left
 from megatron_power.training.continued_dataset import reordered, samples_read
 from megatron_power.training.data import TokenizerInfo, build_datasets, micro_batches
@@ -93,7 +93,7 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
     fresh. Returns the state and the lines to log."""
     own, notes = checkpoint.newest(config.checkpoint_dir)
     if own is not None:
-        _check_same_model(f"{own} (this run's checkpoint)", from_yaml(checkpoint.saved_state(own)["config"]),
+        check_same_model(f"{own} (this run's checkpoint)", from_yaml(checkpoint.saved_state(own)["config"]),
                           config, vocab_size)
         state = TrainState(**checkpoint.load(own, model, optimizer)["train_state"])
         return state, notes + [f"resumed from {own} at step {state.step} ({state.consumed_tokens:,} tokens)"]
@@ -106,7 +106,7 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
         return TrainState(), [f"starting {config.name}: {t.tokens:,} tokens, batch {t.global_batch_size}, {growth}"]
     source = checkpoint.resolve(Path(config.checkpoint.init_from))
     saved = checkpoint.saved_state(source)
-    _check_same_model(f"checkpoint.init_from {source}", from_yaml(saved["config"]), config, vocab_size)
+    check_same_model(f"checkpoint.init_from {source}", from_yaml(saved["config"]), config, vocab_size)
     if config.train.stage == 1:
         checkpoint.load(source, model, None)
         optimizer.reload_model_params()  # the optimizer's main copies of the weights
@@ -127,13 +127,27 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
                    f"{config.train.tokens - state.consumed_tokens:,} to go{note}"]
 
 
-def _check_same_model(source: str, saved: Config, config: Config, vocab_size: int) -> None:
+def check_same_model(source: str, saved: Config, config: Config, vocab_size: int) -> None:
     saved_vocab = saved.model.vocab_size
     problems = model_differences(config, saved)
     if saved_vocab is not None and saved_vocab != vocab_size:
         problems.append(f"vocabulary: expected {vocab_size}, found {saved_vocab}")
     if problems:
         raise CheckpointError(f"{source} holds a different model than this recipe: " + "; ".join(problems))
+
+
+def _evaluate_merged(config: Config, model, valid_data, rt, state: TrainState, log: MetricsLogger) -> None:
+    """The validation loss of the newest checkpoint.merge.last checkpoints merged, once that many
+    are saved (the run's own, not those of the stage it started from)."""
+    mg = config.checkpoint.merge
+    saved = checkpoint.complete(config.checkpoint_dir)
+    if len(saved) < mg.last:
+        log.info(f"step {state.step} | merged validation loss: {len(saved)} of the {mg.last} checkpoints saved")
+        return
+    paths = merge.last_checkpoints(config.checkpoint_dir, mg.last)
+    loss = merge.evaluate_merged(model, paths, merge.coefficients(mg.weights, mg.last),
+                                 lambda: evaluate(config, model, valid_data, rt))
+    log.merged_validation(state.step, state.consumed_tokens, loss, f"last {mg.last}, {mg.weights}")
 
 
 def train(config: Config, stop: StopRequest = None) -> TrainState:
@@ -227,11 +241,15 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
             log.final_step = state.step + steps_left(t, seq, state.consumed_tokens, batch)
 
         last = state.consumed_tokens + batch * seq > t.tokens
-        if state.step % t.eval_interval == 0 or last:
+        saving = (result.finite and (state.step % config.checkpoint.interval == 0 or last)) or result.stop
+        merging = saving and config.checkpoint.merge.interval and state.step % config.checkpoint.merge.interval == 0
+        if state.step % t.eval_interval == 0 or last or merging:
             log.validation(state.step, state.consumed_tokens, evaluate(config, model, valid_data, rt))
         # A skipped step changed nothing worth saving; the last good checkpoint stays the latest.
-        if (result.finite and (state.step % config.checkpoint.interval == 0 or last)) or result.stop:
+        if saving:
             save()
+        if merging:
+            _evaluate_merged(config, model, valid_data, rt, state, log)
         if result.stop and not last:
             saved = "checkpoint saved" if config.checkpoint.save else "nothing saved (checkpoint.save=false)"
             log.info(f"stop requested: {saved} at step {state.step}; exiting")

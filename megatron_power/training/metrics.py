@@ -137,6 +137,13 @@ class MetricsLogger:
         self._record(step=step, tokens=tokens, valid_loss=loss)
         print(f"step {step} | validation loss {loss:.4f}", flush=True)
 
+    def merged_validation(self, step, tokens, loss, merged: str) -> None:
+        if not self.active:
+            return
+        self.writer.add_scalar("valid/merged_loss", loss, step)
+        self._record(step=step, tokens=tokens, valid_loss_merged=loss)
+        print(f"step {step} | validation loss of the checkpoints merged ({merged}) {loss:.4f}", flush=True)
+
     def noise_scale(self, step, tokens, grad_sq, trace, b_simple) -> None:
         """This step's estimates of |G|^2 and tr(Sigma), and B_simple from their averages."""
         if not self.active:
