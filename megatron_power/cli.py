@@ -167,16 +167,20 @@ def _coordcheck(args) -> int:
     from megatron_power.config import load_config
     from megatron_power.science import coordcheck
 
+    option, given = ("--depths", args.depths) if args.depths else ("--widths", args.widths)
     try:
-        widths = sorted({int(w) for w in args.widths.split(",")})
+        sizes = sorted({int(w) for w in given.split(",")})
     except ValueError:
-        raise ConfigError(f"--widths: expected comma-separated integers, got '{args.widths}'") from None
-    if len(widths) < 2:
-        raise ConfigError(f"--widths: expected two or more widths, got {widths}")
+        raise ConfigError(f"{option}: expected comma-separated integers, got '{given}'") from None
+    if len(sizes) < 2 or sizes[0] < 1:
+        raise ConfigError(f"{option}: expected two or more positive sizes, got {sizes}")
     config = load_config(args.recipe, args.overrides)
-    for width in widths:
-        config.model.at_width(width)  # refuses a width that is not a multiple of the head size
-    rows = coordcheck.run(config, widths, args.steps)
+    if args.depths:
+        rows = coordcheck.run(config, args.steps, depths=sizes)
+    else:
+        for width in sizes:
+            config.model.at_width(width)  # refuses a width that is not a multiple of the head size
+        rows = coordcheck.run(config, args.steps, widths=sizes)
     out = Path(args.out or config.run_dir / "coordcheck")
     coordcheck.write(rows, out)
     print("\n".join(coordcheck.summary(rows)))
@@ -483,8 +487,11 @@ def parser() -> argparse.ArgumentParser:
     schedule.add_argument("--plot", metavar="FILE.png")
     schedule.add_argument("--world-size", type=int, default=1)
 
-    coord = _recipe_verb(verbs, "coordcheck", _coordcheck, "muP coordinate check: activation RMS against width")
+    coord = _recipe_verb(verbs, "coordcheck", _coordcheck,
+                         "muP coordinate check: activation RMS against width, or against depth (--depths)")
     coord.add_argument("--widths", default="64,128,256,512")
+    coord.add_argument("--depths", help="e.g. 2,4,8,16: against depth at the recipe's width, with and without "
+                                        "mup.depth_alpha (default 1, CompleteP) on a base of the smallest")
     coord.add_argument("--steps", type=int, default=5)
     coord.add_argument("--out", help="output directory (default: runs/<name>/coordcheck)")
 

@@ -15,8 +15,8 @@ SHAPE = ["model.hidden_size=128", "model.ffn_hidden_size=384", "model.num_layers
          "train.global_batch_size=16", "train.micro_batch_size=8", f"train.tokens={STEPS * 16 * 128}",
          "train.eval_interval=1000", "train.log_interval=1", "checkpoint.interval=1000"]
 LAYOUTS = {
-    # muP, tied embeddings, grouped-query attention
-    "tp2-dense": (2, ["parallel.tp=2", "model.num_query_groups=2"]),
+    # muP with CompleteP's depth rules (2 layers on a base of 1), tied embeddings, grouped-query attention
+    "tp2-dense": (2, ["parallel.tp=2", "model.num_query_groups=2", "mup.depth_alpha=1", "mup.base_depth=1"]),
     # standard parametrization, untied embeddings
     "pp2-dense-sp-untied": (2, ["parallel.pp=2", "mup.enabled=false", "model.tie_embeddings=false"]),
     # GraniteMoe: muP given as a width multiplier, grouped-query attention
@@ -66,6 +66,8 @@ def test_exported_model_loads_and_matches_megatron(exported, name):
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     model.eval()
     assert type(model).__name__ == ("GraniteMoeForCausalLM" if "moe" in name else "GraniteForCausalLM")
+    if name == "tp2-dense":  # CompleteP's depth factor 1/2 folded into Granite's one residual multiplier
+        assert model.config.residual_multiplier == pytest.approx(0.22 / 2)
     prompt = torch.tensor([[5, 6, 7, 8]])
     generated = model.generate(prompt, max_new_tokens=6, do_sample=False)
     assert generated.shape == (1, 10) and torch.equal(generated[:, :4], prompt)
@@ -197,3 +199,16 @@ def test_failed_import_leaves_nothing_behind(exported, tmp_path):
     assert result.returncode == 2
     assert "lack model.layers.1.mlp.up_proj.weight" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_import_into_a_depth_scaled_recipe_divides_the_depth_factor_out(exported, tmp_path):
+    """Granite's one residual multiplier holds CompleteP's depth factor; a recipe with the same depth
+    rules takes Granite's own multiplier back, so its model multiplies by the exported value again."""
+    from megatron_power.convert.from_hf import read_hf_config, target_config
+    from megatron_power.training import mup
+
+    recipe = tmp_path / "deep.yaml"
+    recipe.write_text("base: proxy\nmodel: {hidden_size: 128, ffn_hidden_size: 384, num_layers: 2, num_query_groups: 2, "
+                      "seq_length: 128}\nmup: {depth_alpha: 1, base_depth: 1}\n")
+    config = target_config(read_hf_config(exported["tp2-dense"][0]), str(recipe), "deep")
+    assert config.mup.residual_mult == pytest.approx(0.22) and mup.residual_mult(config) == pytest.approx(0.11)

@@ -1,5 +1,6 @@
 """Parallel layouts over gloo reproduce the single-process losses step by step, with muP on (the
-proxy recipe's default) and a global batch that doubles for the last two steps, and, where each rank sees the whole global batch (TP, PP), the gradient
+proxy recipe's default) and its depth rules (depth-muP: 4 layers on a base of 2, so each rule's
+factor differs from 1) and a global batch that doubles for the last two steps, and, where each rank sees the whole global batch (TP, PP), the gradient
 noise scale's per-step estimates too: the first micro-batch's gradient is then the same one,
 assembled from TP shards, sequence-parallel parts and the tied embedding's two pipeline copies.
 
@@ -29,7 +30,8 @@ STEPS = 10
 # Eight steps of 16 sequences, then two of 32 (training/batch_schedule.py).
 OVERRIDES = SMALL + ["model.seq_length=128", "train.global_batch_size=16", "train.micro_batch_size=4",
                      f"train.batch_schedule=[[0,16],[{8 * 16 * 128},32]]", f"train.tokens={(8 * 16 + 2 * 32) * 128}",
-                     "schedule.warmup=0", "schedule.decay=0", "train.noise_scale_interval=1"]
+                     "schedule.warmup=0", "schedule.decay=0", "train.noise_scale_interval=1",
+                     "mup.depth_alpha=0.5", "mup.base_depth=2"]
 
 
 def noise_estimates(run_dir):
@@ -38,7 +40,7 @@ def noise_estimates(run_dir):
 
 @pytest.fixture(scope="module")
 def reference(default_data, tmp_path_factory):
-    assert load_config("proxy", OVERRIDES).mup.enabled
+    assert load_config("proxy", OVERRIDES).mup.enabled and load_config("proxy", OVERRIDES).model.num_layers == 4
     out = tmp_path_factory.mktemp("layouts")
     run_train(out, "single", OVERRIDES)
     return metrics(out / "single")[0], noise_estimates(out / "single")

@@ -71,6 +71,10 @@ class MupConfig:
     width_mult: Optional[float] = None  # or m_width directly
     emb_mult: float = 12.0
     residual_mult: float = 0.22
+    # Depth (training/mup.py): 0 off, 0.5 depth-muP, 1 CompleteP (Dey et al. 2025), against a
+    # model of base_depth layers whose hyperparameters were tuned.
+    depth_alpha: float = 0.0
+    base_depth: Optional[int] = None
 
 
 @dataclass

@@ -123,6 +123,13 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
     need(bool(NAME_PATTERN.fullmatch(c.name)),
          f"name '{c.name}' must be letters, digits, '.', '_' or '-' (it names the run directory)")
 
+    if c.mup.depth_alpha:
+        need(c.mup.enabled, "mup.depth_alpha needs mup.enabled (depth scaling composes with width muP)")
+        need(0 < c.mup.depth_alpha <= 1, f"mup.depth_alpha must be in (0, 1] (0.5: depth-muP, 1: CompleteP), "
+             f"got {c.mup.depth_alpha}")
+        need(c.mup.base_depth is not None and c.mup.base_depth >= 1,
+             f"mup.depth_alpha needs mup.base_depth (the depth the hyperparameters were tuned at), got "
+             f"{c.mup.base_depth}")
     if c.mup.enabled:
         given = [f for f in ("base_width", "width_mult") if getattr(c.mup, f) is not None]
         need(len(given) == 1, f"mup.enabled needs exactly one of mup.base_width and mup.width_mult, got "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -21,7 +22,7 @@ from megatron_power.convert import granite
 from megatron_power.convert.output import check_writable, staged
 from megatron_power.convert.to_hf import HF_FILES_DIR, WEIGHT_SUFFIXES, single_process
 from megatron_power.errors import ConfigError, ConversionError
-from megatron_power.training import checkpoint
+from megatron_power.training import checkpoint, mup
 from megatron_power.training.model import model_differences
 
 INDEX = "model.safetensors.index.json"
@@ -85,6 +86,9 @@ def target_config(hf: dict, recipe: Optional[str], name: str):
         overrides.append(f"model.seq_length={hf['max_position_embeddings']}")
     try:
         imported = load_config(recipe or "proxy", overrides + [f"name={name}"], check_paths=False)
+        depth_factor = mup.residual_mult(imported) / imported.mup.residual_mult if imported.mup.enabled else 1.0
+        if depth_factor != 1.0:  # Granite's one multiplier holds the recipe's depth factor already
+            imported = replace(imported, mup=replace(imported.mup, residual_mult=imported.mup.residual_mult / depth_factor))
         if recipe is not None:
             recipe_config = load_config(recipe, check_paths=False)
             problems = model_differences(recipe_config, imported)

@@ -1,5 +1,6 @@
-"""`megatron-power params`: every parameter of a recipe's model with the learning rate, weight decay
-and initial standard deviation muP gives it, as Megatron's optimizer groups hold them."""
+"""`megatron-power params`: every parameter of a recipe's model with the learning rate, weight decay,
+Adam epsilon and initial standard deviation muP (and its depth rules) give it, as Megatron's
+optimizer groups hold them, below the model's multipliers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import replace
 from typing import List
 
 from megatron_power.config import Config, model_vocab_size
-from megatron_power.training import runtime
+from megatron_power.training import mup, runtime
 from megatron_power.training.data import TokenizerInfo
 from megatron_power.training.model import build_model
 from megatron_power.training.optim import build_optimizer, wrap_model
@@ -26,11 +27,15 @@ def table(config: Config) -> List[str]:
                 for g in chained.optimizer.param_groups for p in g["params"]}
     lines = []
     if rt.rank == 0:
-        lines.append(f"{'parameter':<58} {'shape':<14} {'max_lr':>10} {'weight_decay':>12} {'init_std':>9}")
+        lines.append(f"m_width {mup.width_mult(config):g}, m_depth {mup.depth_mult(config):g} "
+                     f"(depth_alpha {config.mup.depth_alpha:g}); embedding x {mup.emb_mult(config):g}, "
+                     f"each block's output x {mup.residual_mult(config):.6g}")
+        lines.append(f"{'parameter':<58} {'shape':<14} {'max_lr':>10} {'weight_decay':>12} {'adam_eps':>9} {'init_std':>9}")
         for name, param in model.module.named_parameters():
             group = group_of[id(param)]
             lines.append(f"{name:<58} {'x'.join(map(str, param.shape)):<14} "
                          f"{group['max_lr'] * group['lr_mult']:>10.4g} "
-                         f"{config.optim.weight_decay * group['wd_mult']:>12.4g} {param.detach().float().std():>9.4g}")
+                         f"{config.optim.weight_decay * group['wd_mult']:>12.4g} "
+                         f"{group.get('eps', config.optim.eps):>9.3g} {param.detach().float().std():>9.4g}")
     runtime.shutdown()
     return lines
