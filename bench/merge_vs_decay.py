@@ -71,7 +71,7 @@ def main():
         merged = args.out / f"merged-{n}-{weights}"
         quiet("merge", args.out / "stage1", "--last", n, "--weights", weights, merged, "--overwrite")
         loss = float(quiet("eval", config, f"checkpoint.init_from={merged}").split("validation loss")[1].split()[0])
-        rows.append({"model": f"stage 1, last {n} checkpoints merged ({n * args.interval} steps), {weights}",
+        rows.append({"model": f"stage 1, last {n} checkpoints merged (a {(n - 1) * args.interval}-step window), {weights}",
                      "valid_loss": loss})
     in_run = [(r["step"], r["valid_loss_merged"]) for r in stage1 if "valid_loss_merged" in r]
     raw = {r["step"]: r["valid_loss"] for r in stage1 if "valid_loss" in r}
