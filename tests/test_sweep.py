@@ -158,19 +158,32 @@ def test_slurm_array_skips_finished_points(default_data, tmp_path):
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
 
-def test_transfer_shift_counts_grid_steps():
+def test_transfer_shift_counts_grid_steps_across_width_and_depth():
     # muP: the optimum stays at 0.01 for every width; SP: it halves with each doubling of width.
+    # One table also holds a depth sweep at width 512: with depth_alpha 1 the optimum stays, with 0
+    # it halves per doubling of depth; neither analysis mixes in the other's runs.
     rows = []
     lrs = [0.0025 * 2**k for k in range(6)]
+
+    def runs(optimum, **axes):
+        return [{"tokens": 100, "batch": 16, "lr": lr, "valid_loss": 5 + math.log(lr / optimum) ** 2, **axes}
+                for lr in lrs]
+
     for mup in (True, False):
         for i, width in enumerate((64, 128, 256)):
-            optimum = 0.01 if mup else 0.02 / 2**i
-            rows += [{"tokens": 100, "batch": 16, "width": width, "mup": mup, "lr": lr,
-                      "valid_loss": 5 + (math.log(lr / optimum)) ** 2} for lr in lrs]
-    shifts = fit.transfer_shift(fit.transfer_rows(rows))
-    assert {w: i for w, (i, _) in shifts[True].items()} == {64: 2, 128: 2, 256: 2}
-    assert {w: i for w, (i, _) in shifts[False].items()} == {64: 3, 128: 2, 256: 1}
-    assert not any(edge for by_width in shifts.values() for _, edge in by_width.values())
+            rows += runs(0.01 if mup else 0.02 / 2**i, width=width, mup=mup, depth=2, depth_alpha=0.0)
+    for alpha in (1.0, 0.0):
+        for i, depth in enumerate((4, 8, 16)):
+            rows += runs(0.01 if alpha else 0.04 / 2**i, width=512, mup=True, depth=depth, depth_alpha=alpha)
+
+    def best(shifts):
+        return {kind: {v: i for v, (i, _) in by_value.items()} for kind, by_value in shifts.items()}
+
+    assert best(fit.transfer_shift(fit.transfer_rows(rows, fit.WIDTH), fit.WIDTH)) == {
+        True: {64: 2, 128: 2, 256: 2}, False: {64: 3, 128: 2, 256: 1}}
+    assert best(fit.transfer_shift(fit.transfer_rows(rows, fit.DEPTH), fit.DEPTH)) == {
+        1.0: {4: 2, 8: 2, 16: 2}, 0.0: {4: 4, 8: 3, 16: 2}}
+    assert fit.DEPTH.label(1.0) == "depth_alpha 1 (CompleteP)" and fit.WIDTH.label(False) == "SP"
 
 
 def test_point_directory_of_another_config_is_refused(tmp_path, monkeypatch):

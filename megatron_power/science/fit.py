@@ -11,7 +11,8 @@ Besides, each with its power law in T and standard errors, as Time Transfer (arX
 reports them: the optimal batch size B*(T) (a parabola in log batch through the optimum losses of
 the batch sizes at each T); the lr sensitivity, the curvature of the loss in log lr at the optimum
 (which that paper finds shrinking with T); and the gradient noise scale B_simple at each optimum.
-And how far the optimum moves across widths with and without muP (grid steps).
+And how far the optimum moves across widths with and without muP, and across depths with and
+without depth scaling (grid steps).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def read_results(path: Path) -> List[dict]:
         if row.get("seed"):
             row["seed"] = int(row["seed"])
         row["mup"] = row["mup"] == "True"
+        row["depth"] = int(row["depth"]) if row.get("depth") else None
+        row["depth_alpha"] = float(row["depth_alpha"]) if row.get("depth_alpha") else None
         for key in ("valid_loss", "b_simple"):
             row[key] = float(row[key]) if row.get(key) not in (None, "") else None
     return rows
@@ -208,29 +211,52 @@ def fit_gamma(opts: List[Optimum], count: int = 3) -> Tuple[PowerLaw, List[Optim
     return power_law([o.tokens for o in chosen], [o.gamma for o in chosen]), chosen
 
 
-def transfer_rows(rows: List[dict]) -> List[dict]:
-    """The runs of the (T, batch) with the most (width, muP) combinations, if two widths or more."""
-    groups: Dict[Tuple[int, int], List[dict]] = defaultdict(list)
-    for row in rows:
-        groups[(row["tokens"], row["batch"])].append(row)
-    best = max(groups.values(), key=lambda g: len({(r["width"], r["mup"]) for r in g}))
-    return best if len({r["width"] for r in best}) >= 2 else []
+@dataclass(frozen=True)
+class Transfer:
+    """A hyperparameter-transfer check: the lr grid at several values of `axis`, once per value
+    of the parametrization `switch` that should keep the optimum in place."""
+
+    axis: str  # results column swept across: width or depth
+    switch: str  # results column of the parametrization: mup or depth_alpha
+    title: str
+    figure: str
+
+    def label(self, value) -> str:
+        if self.switch == "mup":
+            return "muP" if value else "SP"
+        return f"depth_alpha {value:g}" + {1.0: " (CompleteP)", 0.5: " (depth-muP)", 0.0: " (no depth scaling)"}.get(value, "")
 
 
-def transfer_shift(rows: List[dict]) -> Dict[bool, Dict[int, Tuple[int, bool]]]:
-    """muP and SP: width -> (grid index of its best learning rate, whether at the grid's edge)."""
-    by_kind: Dict[bool, Dict[int, List[dict]]] = defaultdict(lambda: defaultdict(list))
+WIDTH = Transfer("width", "mup", "muTransfer", "mutransfer.png")
+DEPTH = Transfer("depth", "depth_alpha", "depth transfer", "depth_transfer.png")
+TRANSFERS = (WIDTH, DEPTH)
+
+
+def transfer_rows(rows: List[dict], transfer: Transfer) -> List[dict]:
+    """The runs of the (T, batch, the other transfers' axes) with the most (axis, switch)
+    combinations, if they hold two values of the axis or more."""
+    held = [c for t in TRANSFERS if t != transfer for c in (t.axis, t.switch)]
+    groups: Dict[Tuple, List[dict]] = defaultdict(list)
     for row in rows:
-        by_kind[row["mup"]][row["width"]].append(row)
+        groups[(row["tokens"], row["batch"], *(row.get(c) for c in held))].append(row)
+    best = max(groups.values(), key=lambda g: len({(r[transfer.axis], r[transfer.switch]) for r in g}))
+    return best if len({r[transfer.axis] for r in best}) >= 2 else []
+
+
+def transfer_shift(rows: List[dict], transfer: Transfer) -> Dict[object, Dict[int, Tuple[int, bool]]]:
+    """Each parametrization: axis value -> (grid index of its best learning rate, whether at the grid's edge)."""
+    by_kind: Dict[object, Dict[int, List[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        by_kind[row[transfer.switch]][row[transfer.axis]].append(row)
     result = {}
-    for mup, widths in by_kind.items():
+    for kind, values in by_kind.items():
         best = {}
-        for width, runs in sorted(widths.items()):
+        for value, runs in sorted(values.items()):
             if len(runs) >= 2:
                 _, _, at_edge, index = optimal_lr([r["lr"] for r in runs], [r["valid_loss"] for r in runs])
-                best[width] = (index, at_edge)
+                best[value] = (index, at_edge)
         if len(best) >= 2:
-            result[mup] = best
+            result[kind] = best
     return result
 
 
@@ -314,16 +340,19 @@ def run(results: Path, out: Path, count: int = 3) -> List[str]:
             lines.append(f"[{label}] gradient noise scale at each optimum: B_simple = {noise_law.a:.3g} +- "
                          f"{noise_law.sigma_a:.2g} * T**{noise_law.b:.2f} +- {noise_law.sigma_b:.2f} sequences "
                          f"(Time Transfer: B_crit grows like T)")
-    transfer = transfer_rows(done)
-    if transfer:
-        tokens, batch = transfer[0]["tokens"], transfer[0]["batch"]
-        for mup, by_width in sorted(transfer_shift(transfer).items(), reverse=True):
-            indices = {w: i for w, (i, _) in by_width.items()}
+    for transfer in TRANSFERS:
+        chosen = transfer_rows(done, transfer)
+        if not chosen:
+            continue
+        tokens, batch = chosen[0]["tokens"], chosen[0]["batch"]
+        held = f"width {chosen[0]['width']}, " if transfer.axis == "depth" else ""
+        for kind, by_value in sorted(transfer_shift(chosen, transfer).items(), reverse=True):
+            indices = {v: i for v, (i, _) in by_value.items()}
             moved = max(indices.values()) - min(indices.values())
-            edge = [w for w, (_, at_edge) in by_width.items() if at_edge]
-            lines.append(f"muTransfer at T {tokens:,}, batch {batch}, {'muP' if mup else 'SP'}: best lr grid index by "
-                         f"width {indices}: the optimum moves {moved} grid step{'s' if moved != 1 else ''}"
-                         + (f" (at the grid's edge for widths {edge}: widen the lr range)" if edge else ""))
-        plots.plot_transfer(transfer, out / "mutransfer.png", f"T = {tokens:,} tokens, batch {batch}")
+            edge = [v for v, (_, at_edge) in by_value.items() if at_edge]
+            lines.append(f"{transfer.title} at T {tokens:,}, batch {batch}, {held}{transfer.label(kind)}: best lr grid "
+                         f"index by {transfer.axis} {indices}: the optimum moves {moved} grid step{'s' if moved != 1 else ''}"
+                         + (f" (at the grid's edge for {transfer.axis}s {edge}: widen the lr range)" if edge else ""))
+        plots.plot_transfer(chosen, transfer, out / transfer.figure, f"T = {tokens:,} tokens, batch {batch}")
     lines.append(f"figures in {out}")
     return lines

@@ -143,25 +143,25 @@ def plot_noise_scale(points, law, path, label: str) -> None:
                       "gradient noise scale B_simple (sequences)", f"{label}: critical batch size estimate", path)
 
 
-def plot_transfer(rows, path, title: str) -> None:
-    """Loss against lr for each width, muP and SP side by side."""
+def plot_transfer(rows, transfer, path, title: str) -> None:
+    """Loss against lr for each value of the transfer's axis, a panel per parametrization."""
     plt = _pyplot()
-    kinds = sorted({r["mup"] for r in rows}, reverse=True)
+    kinds = sorted({r[transfer.switch] for r in rows}, reverse=True)
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), sharey=True, squeeze=False)
-    for ax, mup in zip(axes[0], kinds):
-        for i, width in enumerate(sorted({r["width"] for r in rows})):
-            run = sorted((r["lr"], r["valid_loss"]) for r in rows if r["mup"] == mup and r["width"] == width
-                         and r["valid_loss"] is not None and np.isfinite(r["valid_loss"]))
+    for ax, kind in zip(axes[0], kinds):
+        for i, value in enumerate(sorted({r[transfer.axis] for r in rows})):
+            run = sorted((r["lr"], r["valid_loss"]) for r in rows if r[transfer.switch] == kind
+                         and r[transfer.axis] == value and r["valid_loss"] is not None and np.isfinite(r["valid_loss"]))
             if run:
-                ax.plot(*zip(*run), "o-", color=f"C{i}", label=f"width {width}")
+                ax.plot(*zip(*run), "o-", color=f"C{i}", label=f"{transfer.axis} {value}")
                 best = min(run, key=lambda p: p[1])
                 ax.plot(*best, "*", color=f"C{i}", markersize=14, markeredgecolor="k")
         _lr_axis(ax, [r["lr"] for r in rows])
-        ax.set_title("muP" if mup else "standard parametrization")
+        ax.set_title("standard parametrization" if transfer.label(kind) == "SP" else transfer.label(kind))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("final validation loss")
-    fig.suptitle(f"muTransfer: {title} (stars: best grid point)")
+    fig.suptitle(f"{transfer.title}: {title} (stars: best grid point)")
     _save(fig, path)
 
 

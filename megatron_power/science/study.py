@@ -293,7 +293,7 @@ def markdown(spec: StudySpec, report: Report) -> str:
     if report.moe_rows:
         lines += ["", "## muTransfer for MoE: the best lr across widths", "",
                   "| parametrization | width | best grid lr | fitted optimum | loss there |", "|---|---|---|---|---|"]
-        for mup, by_width in sorted(fit.transfer_shift(report.moe_rows).items(), reverse=True):
+        for mup, by_width in sorted(fit.transfer_shift(report.moe_rows, fit.WIDTH).items(), reverse=True):
             for width, (index, at_edge) in by_width.items():
                 runs = [r for r in report.moe_rows if r["mup"] == mup and r["width"] == width]
                 lr, loss, _, _ = fit.optimal_lr([r["lr"] for r in runs], [r["valid_loss"] for r in runs])
@@ -314,7 +314,7 @@ def write_report(spec: StudySpec, report: Report, out: Path) -> Path:
                          f"{spec.name}: WSD optima of the fit region")
     if report.moe_rows:
         m = spec.moe
-        plots.plot_transfer(report.moe_rows, out / "moe_mutransfer.png",
+        plots.plot_transfer(report.moe_rows, fit.WIDTH, out / "moe_mutransfer.png",
                             f"MoE proxy, T = {format_count(parse_count(m.tokens))} tokens, batch {m.batch}")
     path = out / "study.md"
     path.write_text(markdown(spec, report))

@@ -2,10 +2,10 @@
 into one results table.
 
 A spec (recipes/sweeps/*.yaml) names a base recipe, overrides common to every point and a grid of
-dotted keys (plus `width`, which scales hidden size, heads and MLP together). Each point is an
-ordinary training run under runs/sweeps/<name>/<point>, named after its values, so that a rerun
-finds it: finished points are skipped, interrupted ones resume from their checkpoint, diverged ones
-are recorded and not retried.
+dotted keys (plus `width`, which scales hidden size, heads and MLP together); it may extend another
+spec, adding overrides and replacing axes. Each point is an ordinary training run under
+runs/sweeps/<name>/<point>, named after its values, so that a rerun finds it: finished points are
+skipped, interrupted ones resume from their checkpoint, diverged ones are recorded and not retried.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -45,7 +45,8 @@ SPECS_DIR = RECIPES_DIR / "sweeps"
 DIVERGED = "diverged.json"  # written here when a point stops on non-finite losses (train's exit code 3)
 # Short names for the usual axes in point names; other keys use their last component.
 ABBREVIATIONS = {"schedule.lr_max": "lr", "train.global_batch_size": "bs", "train.tokens": "T",
-                 "mup.enabled": "mup", "width": "w", "schedule.kind": "", "train.seed": "seed"}
+                 "mup.enabled": "mup", "width": "w", "schedule.kind": "", "train.seed": "seed",
+                 "model.num_layers": "L", "mup.depth_alpha": "alpha"}
 
 
 @dataclass
@@ -86,13 +87,32 @@ def spec_path(spec: str, directory: Path = SPECS_DIR, kind: str = "sweep") -> Pa
     return path
 
 
+def _spec_node(path: Path, seen: Tuple[Path, ...] = ()):
+    """A spec file's keys over those of the spec it `extends` (another spec's name or path): its
+    overrides come after the base's, its grid axes replace or join the base's."""
+    node = load_yaml(path, "sweep spec")
+    base = node.pop("extends", None)
+    if base is None:
+        return node
+    name = str(base)  # a file is found beside the extending spec, a name among the specs there
+    base_path = spec_path(str(path.parent / name) if Path(name).suffix in (".yaml", ".yml") else name, path.parent)
+    if base_path.resolve() in seen + (path.resolve(),):
+        raise ConfigError(f"sweep spec {path}: extends {base}, which extends it back")
+    parent = _spec_node(base_path, seen + (path.resolve(),))
+    overrides = list(parent.get("overrides", [])) + list(node.pop("overrides", []))
+    merged = OmegaConf.merge(parent, node)
+    merged.overrides = overrides
+    return merged
+
+
 def load_spec(spec: str) -> SweepSpec:
     path = spec_path(spec)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(SweepSpec), load_yaml(path, "sweep spec"))
+        merged = OmegaConf.merge(OmegaConf.structured(SweepSpec), _spec_node(path))
     except OmegaConfBaseException as e:
         raise ConfigError(f"sweep spec {path}: {getattr(e, 'full_key', '') or ''}: {omegaconf_message(e)} "
-                          f"(expected keys: name, recipe, overrides, grid, jobs, threads, eval_sequences, out_dir)") from None
+                          f"(expected keys: extends, name, recipe, overrides, grid, jobs, threads, eval_sequences, "
+                          f"out_dir)") from None
     s: SweepSpec = OmegaConf.to_object(merged)
     problems = [f"grid.{k}: expected a non-empty list of values, got {v!r}"
                 for k, v in s.grid.items() if not isinstance(v, list) or not v]
@@ -343,6 +363,7 @@ def collect(spec: SweepSpec, grid: List[Point]) -> Path:
             "point": point.name, "status": state.value,
             "tokens": config.train.tokens, "batch": config.train.global_batch_size, "lr": config.schedule.lr_max,
             "width": config.model.hidden_size, "mup": config.mup.enabled, "seq_length": config.model.seq_length,
+            "depth": config.model.num_layers, "depth_alpha": config.mup.depth_alpha,
             "kind": config.schedule.kind, "seed": config.train.seed, "experts": config.model.num_experts or "",
             "reference_seq_length": config.schedule.reference_seq_length,
             **{f"grid.{k}": v for k, v in point.values.items()},
