@@ -236,3 +236,19 @@ def test_paper_sweeps_are_valid_specs(name, runs):
     for point in (grid[0], grid[-1]):  # the smallest and largest corner (checking all 1152 takes minutes)
         config = sweep.point_config(spec, point, check_paths=False)
         assert config.model.seq_length == 4096 and config.model.num_layers == 32 and config.mup.enabled
+
+
+def test_spec_extends_another_adding_overrides_and_refuses_a_cycle(tmp_path):
+    from megatron_power.errors import ConfigError
+    from megatron_power.science import sweep
+
+    deep, shallow = sweep.load_spec("paper_wsd_grid"), sweep.load_spec("paper_wsd_grid_shallow")
+    assert shallow.name == "paper-wsd-grid-shallow" and shallow.grid == deep.grid
+    assert shallow.overrides == deep.overrides + ["model.num_layers=8", "mup.depth_alpha=1", "mup.base_depth=8"]
+    config = sweep.point_config(shallow, sweep.points(shallow)[0], check_paths=False)
+    assert (config.model.num_layers, config.mup.depth_alpha, config.mup.base_depth) == (8, 1.0, 8)
+
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nname: b\ngrid:\n  schedule.lr_max: [0.01]\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: extends a.yaml, which extends it back"):
+        sweep.load_spec(str(tmp_path / "a.yaml"))
