@@ -176,6 +176,10 @@ def _torch_optimizer() -> None:
         module.multi_tensor_applier = utils.local_multi_tensor_applier
         module.multi_tensor_scale_impl = utils.local_multi_tensor_scale
     clip_grads.l2_norm_impl = utils.local_multi_tensor_l2_norm
+    # With TE's kernels (every GPU run) get_grad_norm_fp32 returns the norm as a tensor, without
+    # a host read; without them, a float. The CPU takes the GPU's branch, so that what reads the
+    # norm is tested on the type a GPU run gives it (its scaling kernel is plain torch either way).
+    clip_grads.multi_tensor_scale_tensor_impl = utils.local_multi_tensor_scale
 
 
 def _grad_clipping() -> None:

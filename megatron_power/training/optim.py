@@ -56,7 +56,9 @@ def step_unless_nonfinite(optimizer, clip_grad: float, probe=None) -> float:
         return math.inf
     if probe is not None:
         probe.read_global_batch(optimizer)
-    grad_norm = optimizer.get_grad_norm()
+    # With Transformer Engine's multi-tensor kernels Megatron returns the norm as a device tensor
+    # (and clips with it without waiting); the skip decision needs it on the host anyway.
+    grad_norm = float(optimizer.get_grad_norm())
     if not math.isfinite(grad_norm):
         return grad_norm
     if clip_grad > 0:
