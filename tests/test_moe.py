@@ -143,8 +143,11 @@ def test_profile_of_the_cpu_run_explains_the_step(reference):
         assert shares.get(label, 0) > 0.005, shares
     assert len(summary["top"]) == 20 and summary["launches_per_step"] > 1000
     with gzip.open(reference / "profile" / "rank0.trace.json.gz") as trace:
-        names = {e.get("name") for e in json.load(trace)["traceEvents"]}
-    assert {"megatron-power step 2", "megatron-power step 3"} <= names
+        events = json.load(trace)["traceEvents"]
+    # Kernels are placed by the module that made them, not by Python frames (too many to export).
+    names = {e.get("name") for e in events}
+    assert {"megatron-power step 2", "megatron-power step 3", "TopKRouter", "MoELayer"} <= names
+    assert not any(e.get("cat") == "python_function" for e in events)
 
 
 NOISE_STEPS = 10

@@ -25,12 +25,16 @@ STEP_PREFIX = "megatron-power step "  # the record_function around each profiled
 CATEGORIES = [
     ("communication", ("nccl", "all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter",
                        "alltoall", "all_to_all", "c10d::", "gloo", "broadcast", "sendrecv"), ()),
-    ("optimizer", ("adam", "multi_tensor", "_foreach_"), ("optimizer.py", "step_with_ready_grads", "clip_grad")),
+    ("optimizer", ("adam", "multi_tensor", "_foreach_"),
+     ("optimizer.py", "step_with_ready_grads", "clip_grad", "optimizer.step")),
     ("FP8 casts and amax", ("amax", "fp8", "float8", "quantize", "cast_transpose", "e4m3", "scale_inv"), ()),
+    # The calls around: Python files (a trace with stacks) or Megatron's module classes (ours).
     ("MoE routing / permute / dispatch", ("permute", "topk", "moe_", "router"),
-     ("moe/router.py", "token_dispatcher.py", "moe_utils.py", "fused_a2a", "permutation")),
+     ("moe/router.py", "token_dispatcher.py", "moe_utils.py", "fused_a2a", "permutation", "router",
+      "tokendispatcher")),
     ("grouped GEMM", ("grouped",), ("grouped",)),
-    ("attention", ("flash", "fmha", "attn", "sdpa", "softmax"), ("dot_product_attention", "core_attention")),
+    ("attention", ("flash", "fmha", "attn", "sdpa", "softmax"),
+     ("dot_product_attention", "core_attention", "dotproductattention")),
     ("GEMM", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
               "aten::baddbmm", "aten::matmul"), ()),
 ]
