@@ -15,7 +15,8 @@ On a GPU machine with the packages installed it runs, in order:
     python bench/gpu_check.py [--out runs/gpu-check] [--steps 12] [--warmup 4] [--accumulation 8]
                               [--parts tests mfu profile coordcheck]
 
-Each part's full output is kept beside report.md; a part that fails is reported and the rest run.
+Each part's full output is kept beside report.md, which is rewritten after each part; a part that
+fails is reported and the rest run.
 """
 
 from __future__ import annotations
@@ -101,8 +102,10 @@ def main():
     }
     # The profile comes from the MFU runs (after their timed steps): one run per recipe and precision.
     names = [name for name in commands if name in args.parts or (name == "mfu" and "profile" in args.parts)]
-    parts = [run(name, commands[name], out) for name in names]
-    write_report(out, machine, parts, time.time() - start)
+    parts = []
+    for name in names:  # the report after each part, so that a check cut short keeps what it found
+        parts.append(run(name, commands[name], out))
+        write_report(out, machine, parts, time.time() - start)
     sys.exit(0 if all(part["exit_code"] == 0 for part in parts) else 1)
 
 
