@@ -2,8 +2,9 @@
 
 A CPU run's trace has no kernels (tests/test_moe.py summarises a real one); this one is written in
 the Chrome-trace layout Kineto gives for CUDA: kernels on the device's stream, each tied to its
-cudaLaunchKernel on the host by a correlation id, the launch inside the Python functions and
-operators that made it, the step inside the annotation the training loop puts around it.
+cudaLaunchKernel on the host by a correlation id, the launch inside the operators and the module
+annotations (training/probes/profile.py) that made it, the step inside the annotation the training
+loop puts around it.
 """
 
 import pytest
@@ -26,17 +27,17 @@ def launch(ts, correlation, name="cudaLaunchKernel"):
 
 
 # One 1000 us step: a grouped expert GEMM, a plain GEMM, a flash-attention kernel, a permute kernel
-# launched from Megatron's MoE utilities, an NCCL all-reduce and a D2H copy behind a stream sync.
+# launched from Megatron's token dispatcher, an NCCL all-reduce and a D2H copy behind a stream sync.
 # The device is busy 100+200+100+50+150 (+50 copy) = 650 us of it.
 TRACE = {"traceEvents": [
     host("user_annotation", "megatron-power step 5", 0, 1000),
-    host("python_function", "megatron/core/transformer/moe/experts.py(300): forward", 10, 100),
-    host("python_function", "transformer_engine/pytorch/module/grouped_linear.py(700): forward", 20, 50),
+    host("user_annotation", "TEGroupedMLP", 10, 100),
+    host("user_annotation", "GroupedLinear", 20, 50),
     launch(30, 1), kernel("sm90_xmma_gemm_bf16bf16_bf16f32", 100, 100, 1),
     host("cpu_op", "aten::mm", 150, 20), launch(155, 2), kernel("nvjet_tst_128x256_64x4", 210, 200, 2),
-    host("python_function", "megatron/core/extensions/transformer_engine.py(900): forward", 200, 40),
+    host("user_annotation", "TEDotProductAttention", 200, 40),
     launch(210, 3), kernel("flash_fwd_kernel<Flash_fwd_kernel_traits>", 420, 100, 3),
-    host("python_function", "megatron/core/transformer/moe/moe_utils.py(200): permute", 300, 40),
+    host("user_annotation", "MoEAlltoAllTokenDispatcher", 300, 40),
     launch(310, 4), kernel("void moe_permute_row_map<float>", 530, 50, 4),
     host("cpu_op", "c10d::allreduce_", 400, 30), launch(405, 5),
     kernel("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 600, 150, 5),

@@ -11,9 +11,9 @@ show as device idle time in the profiled steps.
 The profiler records operators and kernels but not Python frames (`with_stack`): on a GPU, two
 steps of moe3b (32 layers, 4 micro-batches) did not finish exporting in 150 s, and a CPU run of
 8 such layers gave 1.3M events, 60% of them Python frames (413 MB of JSON; 0.55M and 140 MB
-without them). The kernels are placed
-by each module's forward instead, an annotation named by its class (`TopKRouter`,
-`MoEAlltoAllTokenDispatcher`, `TEGroupedMLP`, ...), a few hundred per micro-batch.
+without them). The kernels are placed by each module's forward instead, an annotation named by
+its class (`TopKRouter`, `MoEAlltoAllTokenDispatcher`, `TEGroupedMLP`, ...), a few hundred per
+micro-batch.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 The same code reads a GPU trace and a CPU one. On a GPU the work is the device's kernels, each
 attributed through its launch (the profiler's correlation id) to the host calls that made it; on a
 CPU the work is each operator's own time (less the operators it calls). Each is put in one
-category by its own name and the names of the calls around it (Python functions, operators,
-autograd nodes), first rule that matches:
+category by its own name and the names of the calls around it (the module whose forward made it,
+as StepProfiler annotates it; operators; autograd nodes), first rule that matches:
 
     communication, optimizer, FP8 casts and amax, MoE routing / permute / dispatch, grouped GEMM,
     attention, GEMM, then norms, elementwise and the rest.
@@ -25,16 +25,14 @@ STEP_PREFIX = "megatron-power step "  # the record_function around each profiled
 CATEGORIES = [
     ("communication", ("nccl", "all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter",
                        "alltoall", "all_to_all", "c10d::", "gloo", "broadcast", "sendrecv"), ()),
-    ("optimizer", ("adam", "multi_tensor", "_foreach_"),
-     ("optimizer.py", "step_with_ready_grads", "clip_grad", "optimizer.step")),
+    # torch's optimizers annotate their step as "Optimizer.step#<class>.step".
+    ("optimizer", ("adam", "multi_tensor", "_foreach_"), ("optimizer.step",)),
     ("FP8 casts and amax", ("amax", "fp8", "float8", "quantize", "cast_transpose", "e4m3", "scale_inv"), ()),
-    # The calls around: Python files (a trace with stacks) or Megatron's module classes (ours).
-    ("MoE routing / permute / dispatch", ("permute", "topk", "moe_", "router"),
-     ("moe/router.py", "token_dispatcher.py", "moe_utils.py", "fused_a2a", "permutation", "router",
-      "tokendispatcher")),
+    # Around: Megatron's module classes (TopKRouter, MoEAlltoAllTokenDispatcher, TEGroupedMLP,
+    # TEDotProductAttention, ...).
+    ("MoE routing / permute / dispatch", ("permute", "topk", "moe_", "router"), ("router", "tokendispatcher")),
     ("grouped GEMM", ("grouped",), ("grouped",)),
-    ("attention", ("flash", "fmha", "attn", "sdpa", "softmax"),
-     ("dot_product_attention", "core_attention", "dotproductattention")),
+    ("attention", ("flash", "fmha", "attn", "sdpa", "softmax"), ("dotproductattention",)),
     ("GEMM", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
               "aten::baddbmm", "aten::matmul"), ()),
 ]
@@ -42,7 +40,7 @@ OTHER = "norms, elementwise, other"
 SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
               "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize"}
 SCALAR_READ = "aten::_local_scalar_dense"
-_HOST = {"cpu_op", "python_function", "user_annotation", "cuda_runtime", "cuda_driver"}
+_HOST = {"cpu_op", "user_annotation", "cuda_runtime", "cuda_driver"}
 _DEVICE = {"kernel", "gpu_memcpy", "gpu_memset"}
 
 
