@@ -211,7 +211,7 @@ def initialize_weights(model: GPTModel, config) -> None:
 
     # At most INIT_THREADS whole tensors in memory at once (dense3b's largest: 0.45 GB).
     with ThreadPoolExecutor(max_workers=min(INIT_THREADS, len(os.sched_getaffinity(0)))) as pool:
-        list(pool.map(draw, list(sharded_tensors(model))))
+        list(pool.map(draw, sharded_tensors(model)))
 
 
 # What a model's weights and its function depend on (not seq_length, init, aux-loss weight).
