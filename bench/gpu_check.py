@@ -6,14 +6,16 @@ On a GPU machine with the packages installed it runs, in order:
 2. the GPU tests (tests/test_gpu.py: bf16 and FP8 against fp32 on the CPU, TE layers against local
    ones, grouped-GEMM experts, checkpoints across GPU and CPU and to Hugging Face, coordinate check);
 3. the MFU benchmark (bench/gpu_mfu.py: dense3b and moe3b, bf16 and FP8, depth cut to fit), with
-   peak memory against the planner's estimate;
+   peak memory against the planner's estimate and each run's start-up;
+   part `expert-rows`: moe3b in bf16 again, at the micro-batch that gives each expert the rows it
+   gets in the recipe's own layout (micro-batch x EP), side by side with the row above;
 4. the profile (part `profile`, in the same runs, after their timed steps): per recipe and
    precision, the step's time by kind of kernel, device idle time, the most expensive kernels,
    launches and host synchronisations per step with the Python lines that make them;
 5. the coordinate check on the GPU path, as a plot.
 
     python bench/gpu_check.py [--out runs/gpu-check] [--steps 12] [--warmup 4] [--accumulation 8]
-                              [--parts tests mfu profile coordcheck]
+                              [--parts tests mfu expert-rows profile coordcheck]
 
 Each part's full output is kept beside report.md, which is rewritten after each part; a part that
 fails is reported and the rest run.
@@ -34,7 +36,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gpu_mfu import markdown_table  # noqa: E402
+
+from megatron_power.config import load_config  # noqa: E402
 from megatron_power.training import hardware  # noqa: E402
+
+PARTS = ("tests", "mfu", "expert-rows", "profile", "coordcheck")
 
 
 def run(name: str, cmd: list, out: Path) -> dict:
@@ -71,8 +78,7 @@ def main():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--accumulation", type=int, default=8)
-    p.add_argument("--parts", nargs="+", choices=("tests", "mfu", "profile", "coordcheck"),
-                   default=["tests", "mfu", "profile", "coordcheck"])
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     args = p.parse_args()
     hw = hardware.detect()
     if not hw.cuda:
@@ -89,12 +95,16 @@ def main():
     (out / "machine.json").write_text(json.dumps(machine, indent=1))
     print(json.dumps(machine, indent=1), flush=True)
 
+    moe3b = load_config("moe3b", [], 1, check_paths=False)
+    mfu = [sys.executable, "bench/gpu_mfu.py", "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--accumulation", str(args.accumulation)]
     commands = {
         "tests": [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v",
                   f"--junitxml={out / 'tests.xml'}"],
-        "mfu": [sys.executable, "bench/gpu_mfu.py", "--steps", str(args.steps), "--warmup", str(args.warmup),
-                "--accumulation", str(args.accumulation), "--json", str(out / "mfu.json")]
+        "mfu": mfu + ["--json", str(out / "mfu.json")]
         + (["--profile", str(out / "profile")] if "profile" in args.parts else []),
+        "expert-rows": mfu + ["--recipes", "moe3b", "--precisions", "bf16", "--json", str(out / "expert-rows.json"),
+                              "--micro-batch-size", str(moe3b.train.micro_batch_size * moe3b.parallel.ep)],
         "coordcheck": [sys.executable, "-m", "megatron_power.cli", "coordcheck", "proxy", "--widths",
                        "128,256,512,1024", "--steps", "7", "--out", str(out / "coordcheck"),
                        "model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
@@ -117,17 +127,10 @@ def write_report(out: Path, machine: dict, parts: list, seconds: float) -> None:
     tests_log = (out / "tests.log").read_text() if (out / "tests.log").is_file() else ""
     summary = [line for line in tests_log.splitlines() if " PASSED" in line or " FAILED" in line or " SKIPPED" in line]
     lines += ["", "## Tests", ""] + [f"    {line}" for line in summary]
-    if (out / "mfu.json").is_file():
-        table = json.loads((out / "mfu.json").read_text())
-        lines += ["", "## MFU", "", f"Against the dense bf16 peak of {table['device']}: {table['bf16_peak_tflops']:.0f} "
-                  "TFLOP/s (causal attention counted as half).", "",
-                  "| recipe | layers | precision | tokens/s | TFLOP/s | MFU | peak GiB | planned GiB | peak/plan |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['recipe']} | {r['layers']} | {r['precision']} | failed | | | | {r['planned_gib']:.2f} | |"
-                  if r.get("failed") else
-                  f"| {r['recipe']} | {r['layers']} | {r['precision']} | {r['tokens_per_s']:,} | {r['tflops']} | "
-                  f"{r['mfu']:.1%} | {r['peak_gib']:.2f} | {r['planned_gib']:.2f} | {r['peak_vs_plan']:.2f} |"
-                  for r in table["rows"]]
+    tables = [json.loads((out / name).read_text()) for name in ("mfu.json", "expert-rows.json") if (out / name).is_file()]
+    if tables:
+        rows = [row for table in tables for row in table["rows"]]
+        lines += ["", "## MFU", ""] + markdown_table({**tables[0], "rows": rows})
     profiles = sorted((out / "profile").glob("*.md")) if (out / "profile").is_dir() else []
     if profiles:
         lines += ["", "## Profile", ""] + [p.read_text().replace("### steps", f"### {p.stem}: steps", 1) for p in profiles]

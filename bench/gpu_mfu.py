@@ -4,7 +4,13 @@ Each recipe runs through `megatron-power train` as it is, except for what one GP
 parallel size 1, `--accumulation` micro-batches per step instead of 1024 sequences, and the depth
 cut to the most layers the planner says fit in the GPU's memory (`plan.memory_per_gpu`, with the
 recipe's micro-batch and recompute; `--layers` sets it by hand). Tokens/s is taken over the steps
-after `--warmup`. FLOPs per token are the planner's, counted on the model built on the meta device
+after `--warmup`; start-up is the run's own count of its seconds before the first step.
+
+On one GPU every expert of an MoE recipe is local, so each expert's grouped-GEMM rows per
+micro-batch are seq x micro-batch x top-k / experts: 819 for moe3b, where its 8-GPU layout (EP 8)
+gives each expert the tokens of 8 ranks, 6,554 rows. `--micro-batch-size` (moe3b's micro-batch x EP)
+gives one GPU the recipe layout's GEMM shapes, at the same FLOPs per token; each row states its
+micro-batch and, for MoE, the rows per expert. FLOPs per token are the planner's, counted on the model built on the meta device
 (what `megatron-power plan` prints), with causal attention counted as half, as Megatron-LM does.
 MFU is against the exact device's dense bf16 peak (hardware.BF16_PEAK_TFLOPS), for FP8 runs too,
 as Megatron-LM reports it, so that the two precisions compare. FP8 needs Transformer Engine;
@@ -18,7 +24,7 @@ Reference: Megatron-Core's published 41% MFU for a 1.7B model in bf16 on H100.
 
     .venv/bin/python bench/gpu_mfu.py [--recipes dense3b moe3b] [--precisions bf16 fp8]
                                       [--steps 30] [--warmup 10] [--accumulation 16] [--layers N]
-                                      [--json table.json] [--profile DIR]
+                                      [--micro-batch-size N] [--json table.json] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -66,9 +72,9 @@ def fitting_depth(recipe: str, overrides: list, capacity_gib: float) -> int:
 
 
 def measure(recipe: str, overrides: list, steps: int, warmup: int, profile_to: Path = None):
-    """Tokens/s of `megatron-power train` over its steps after the warm-up, and its peak GPU memory
-    (GiB); None when the run fails (its output above says why). `profile_to`: a path stem the
-    run's profile summary is copied to (.md, .json)."""
+    """Tokens/s of `megatron-power train` over its steps after the warm-up, its peak GPU memory
+    (GiB) and its start-up (seconds by part); None when the run fails (its output above says why).
+    `profile_to`: a path stem the run's profile summary is copied to (.md, .json)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "megatron_power.cli", "train", recipe, f"out_dir={out}", "name=bench", *overrides]
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
@@ -78,9 +84,34 @@ def measure(recipe: str, overrides: list, steps: int, warmup: int, profile_to: P
         if profile_to:
             for suffix in (".md", ".json"):
                 shutil.copy(run / "profile" / f"rank0{suffix}", profile_to.with_suffix(suffix))
+    startup = next(r["startup_s"] for r in rows if "startup_s" in r)
     rows = [r for r in rows if "loss" in r][:steps]
     start, end = rows[warmup - 1], rows[-1]
-    return (end["tokens"] - start["tokens"]) / (end["time"] - start["time"]), max(r["max_memory_gib"] for r in rows)
+    return ((end["tokens"] - start["tokens"]) / (end["time"] - start["time"]), max(r["max_memory_gib"] for r in rows),
+            startup)
+
+
+def markdown_table(table: dict) -> list:
+    """The MFU table's lines, as the report and the console show it."""
+    lines = [f"Against the dense bf16 peak of {table['device']}: {table['bf16_peak_tflops']:.0f} TFLOP/s (causal "
+             "attention counted as half). Reference: Megatron-Core's 41% MFU for 1.7B in bf16 on H100.", "",
+             "| recipe | layers | precision | micro-batch | rows per expert | tokens/s | TFLOP/s | MFU | start-up s "
+             "| peak GiB | planned GiB | peak/plan |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table["rows"]:
+        head = (f"| {r['recipe']} | {r['layers']} | {r['precision']} | {r.get('micro_batch', '')} | "
+                f"{r.get('expert_rows', '')} |")
+        if r.get("failed"):
+            lines.append(f"{head} failed | | | | | {r['planned_gib']:.2f} | |")
+        else:
+            startup = f"{sum(r['startup_s'].values()):.0f}" if "startup_s" in r else ""
+            lines.append(f"{head} {r['tokens_per_s']:,} | {r['tflops']} | {r['mfu']:.1%} | {startup} | "
+                         f"{r['peak_gib']:.2f} | {r['planned_gib']:.2f} | {r['peak_vs_plan']:.2f} |")
+    lines += ["", "Start-up, seconds by part:"] + [
+        f"- {r['recipe']} {r['precision']}, micro-batch {r['micro_batch']}: "
+        + ", ".join(f"{part} {s:.0f}" for part, s in r["startup_s"].items())
+        for r in table["rows"] if "startup_s" in r]
+    return lines
 
 
 def main():
@@ -91,6 +122,7 @@ def main():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--accumulation", type=int, default=16, help="micro-batches per step")
     p.add_argument("--layers", type=int, default=0, help="depth to run (default: the most the planner fits)")
+    p.add_argument("--micro-batch-size", type=int, default=0, help="sequences per micro-batch (default: the recipe's)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak, if not an H100/H200")
     p.add_argument("--json", type=Path, help="also write the table here")
     p.add_argument("--profile", type=Path, help="profile each run after its timed steps; summaries to this folder")
@@ -110,10 +142,12 @@ def main():
         run_steps += PROFILED_STEPS + 2  # the counted step, and a last one (it also evaluates) after it
         profiling = [f"profile.start_step={args.steps + 1}", f"profile.steps={PROFILED_STEPS}"]
     rows = []
+    table = {"device": hw.gpu_name, "bf16_peak_tflops": peak / 1e12, "rows": rows}
     for recipe in args.recipes:
         base = load_config(recipe, ONE_GPU, 1, check_paths=False)
-        batch = base.train.micro_batch_size * args.accumulation
-        common = ONE_GPU + [f"train.global_batch_size={batch}",
+        micro_batch = args.micro_batch_size or base.train.micro_batch_size
+        batch = micro_batch * args.accumulation
+        common = ONE_GPU + [f"train.micro_batch_size={micro_batch}", f"train.global_batch_size={batch}",
                             f"train.tokens={run_steps * batch * base.model.seq_length}",
                             "train.eval_interval=1000000", "train.eval_batches=1", "checkpoint.save=false"]
         # One depth for both precisions, the one that fits in FP8 (its weight copies take more),
@@ -129,32 +163,24 @@ def main():
             counts = plan.count_parameters(config, config.model.vocab_size)
             flops = plan.flops_per_token(config, counts)
             planned = plan.memory_per_gpu(config, counts, 1).total / plan.GIB
-            row = {"recipe": recipe, "layers": f"{depth}/{base.model.num_layers}", "precision": precision,
-                   "planned_gib": round(planned, 2)}
+            m = config.model
+            row = {"recipe": recipe, "layers": f"{depth}/{m.num_layers}", "precision": precision,
+                   "micro_batch": micro_batch, "planned_gib": round(planned, 2)}
+            if m.num_experts:
+                row["expert_rows"] = micro_batch * m.seq_length * m.moe_topk // m.num_experts
             measured = measure(recipe, common + PRECISION[precision] + profiling, args.steps, args.warmup,
                                args.profile / f"{recipe}-{precision}" if args.profile else None)
             if measured is None:
                 row["failed"] = True
             else:
-                tokens_per_s, peak_gib = measured
+                tokens_per_s, peak_gib, startup = measured
                 row.update(tokens_per_s=round(tokens_per_s), tflops=round(tokens_per_s * flops / 1e12, 1),
                            mfu=round(tokens_per_s * flops / peak, 3), peak_gib=peak_gib,
-                           peak_vs_plan=round(peak_gib / planned, 3))
+                           peak_vs_plan=round(peak_gib / planned, 3), startup_s=startup)
             rows.append(row)
             if args.json:  # as each row comes, so that a later failure or a time limit keeps it
-                args.json.write_text(json.dumps({"device": hw.gpu_name, "bf16_peak_tflops": peak / 1e12,
-                                                 "rows": rows}, indent=1))
-    lines = [f"{hw.gpu_name}, bf16 peak {peak / 1e12:.0f} TFLOP/s; reference: Megatron-Core 41% MFU (1.7B, bf16, H100)",
-             f"{'recipe':<9} {'layers':<7} {'precision':<9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
-             f"{'peak GiB':>9} {'planned':>8} {'ratio':>6}"]
-    for r in rows:
-        if r.get("failed"):
-            lines.append(f"{r['recipe']:<9} {r['layers']:<7} {r['precision']:<9} failed (see above); planned "
-                         f"{r['planned_gib']:.2f} GiB")
-            continue
-        lines.append(f"{r['recipe']:<9} {r['layers']:<7} {r['precision']:<9} {r['tokens_per_s']:>10,} {r['tflops']:>8} "
-                     f"{r['mfu']:>6.1%} {r['peak_gib']:>9.2f} {r['planned_gib']:>8.2f} {r['peak_vs_plan']:>6.2f}")
-    print("\n" + "\n".join(lines))
+                args.json.write_text(json.dumps(table, indent=1))
+    print("\n" + "\n".join(markdown_table(table)))
     sys.exit(1 if any(r.get("failed") for r in rows) else 0)
 
 

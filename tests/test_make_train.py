@@ -4,10 +4,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-from helpers import ROOT, metrics
+from helpers import ROOT, metrics, records
 
 
 @pytest.mark.slow
@@ -21,9 +22,18 @@ def test_make_train_on_a_fresh_clone(tmp_path):
     venv = os.path.dirname(os.path.dirname(sys.executable))
     env = {**os.environ, "PYTHONPATH": str(clone)}
     args = "train.tokens=300K model.hidden_size=128 model.ffn_hidden_size=384 train.eval_interval=1000"
+    started = time.time()
     result = subprocess.run(["make", "train", f"VENV={venv}", f"ARGS={args}", "-o", f"{venv}/.installed-base",
                              "-o", f"{venv}/.installed-torch"], cwd=clone, env=env, capture_output=True, text=True)
+    wall = time.time() - started
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # The start-up, counted from the trainer process's own start, by part: in the log and in metrics.jsonl.
+    (startup,) = records(clone / "runs" / "proxy", "startup_s")
+    parts = startup["startup_s"]
+    assert list(parts) == ["imports and checks", "distributed", "model and init", "DDP and optimizer", "resume", "data"]
+    assert all(seconds >= 0 for seconds in parts.values()) and 1 < sum(parts.values()) < wall, (parts, wall)
+    assert f"start-up {sum(parts.values()):.1f} s: imports and checks" in result.stdout
 
     manifest = json.loads((clone / "data" / "stdlib" / "manifest.json").read_text())
     # Built from the corpus shipped in the repository, not the interpreter's own standard library

@@ -21,7 +21,7 @@ from megatron_power.training import checkpoint, hardware, merge, run_lock, runti
 from megatron_power.training.batch_schedule import NOISE_SCALE, change_line, grown_batch, scheduled_batch, steps_left
 from megatron_power.training.continued_dataset import reordered, samples_read
 from megatron_power.training.data import TokenizerInfo, build_datasets, micro_batches
-from megatron_power.training.metrics import MetricsLogger
+from megatron_power.training.metrics import MetricsLogger, StartupClock
 from megatron_power.training.model import build_model, model_differences
 from megatron_power.training.optim import build_optimizer, wrap_model
 from megatron_power.training.probes.expert_load import ExpertLoad
@@ -152,6 +152,8 @@ def _evaluate_merged(config: Config, model, valid_data, rt, state: TrainState, l
 
 def train(config: Config, stop: StopRequest = None) -> TrainState:
     stop = stop or StopRequest()
+    clock = StartupClock()
+    clock.lap("imports and checks")
     tokenizer = TokenizerInfo.from_sentencepiece(config.data.tokenizer)
     vocab_size = model_vocab_size(config, tokenizer.vocab_size)
     refusal = plan.training_refusal(config, vocab_size, hardware.detect(), world_size_from_env())
@@ -159,20 +161,25 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
         raise ConfigError(refusal)
     rt = runtime.initialize(config)
     run_lock.hold(config.run_dir, rt)
+    clock.lap("distributed")
     profiler = StepProfiler(config.profile, rt.rank, rt.hardware.cuda, config.run_dir)
     with profiler.watching():
         gpt_model = build_model(config, vocab_size)
+    clock.lap("model and init")
     model = wrap_model(config, gpt_model)
     m = config.model
     expert_load = ExpertLoad(gpt_model, m.num_layers, m.num_experts, rt.device) if m.num_experts else None
     optimizer = build_optimizer(config, model)
+    clock.lap("DDP and optimizer")
     t = config.train
     seq = config.model.seq_length
     scheduler = TokenScheduler(optimizer, config.schedule, t.tokens, config.optim.weight_decay)
 
     ckpt_dir = config.checkpoint_dir
     state, messages = _restore(config, model, optimizer, vocab_size)
+    clock.lap("resume")
     train_data, valid_data = build_datasets(config, tokenizer, state.samples_read_before)
+    clock.lap("data")
     messages += [f"note: {prefix} spans more than one epoch, so this stage reads it in a new order, not "
                  f"past the samples earlier stages read" for prefix in reordered(train_data)]
     state.global_batch_size = _next_batch(config, state)
@@ -183,6 +190,7 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     for message in messages:
         log.info(message)
     log.info(f"hardware: {rt.hardware.describe()}")
+    log.startup(clock)
     note = power_law_note(config.schedule, t.tokens, config.tokens_per_step)
     if note:
         log.info(note)

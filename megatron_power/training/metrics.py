@@ -9,6 +9,7 @@ import os
 import secrets
 import time
 
+import psutil
 import torch
 
 from megatron_power.config.schema import format_count
@@ -61,6 +62,20 @@ def _wandb_run(config):
                       config=OmegaConf.to_container(OmegaConf.structured(config)))
 
 
+class StartupClock:
+    """Seconds of each part of a run's start-up, from the process's own start (so the imports
+    count): where a 3B run's minute or more before its first step goes."""
+
+    def __init__(self):
+        self.last = psutil.Process().create_time()
+        self.parts = {}
+
+    def lap(self, part: str) -> None:
+        now = time.time()
+        self.parts[part] = round(now - self.last, 2)
+        self.last = now
+
+
 class MetricsLogger:
     """Only the logging rank (last pipeline stage) writes; other ranks keep quiet."""
 
@@ -91,6 +106,13 @@ class MetricsLogger:
     def _record(self, **row) -> None:
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
+
+    def startup(self, clock: StartupClock) -> None:
+        if not self.active:
+            return
+        total = sum(clock.parts.values())
+        print(f"start-up {total:.1f} s: " + ", ".join(f"{part} {s:.1f}" for part, s in clock.parts.items()), flush=True)
+        self._record(step=self.start_step, startup_s=clock.parts)
 
     def reports(self, step: int) -> bool:
         """Whether `step` prints its line (and reports what is only summed up at the log interval):
