@@ -12,10 +12,12 @@ On a GPU machine with the packages installed it runs, in order:
 4. the profile (part `profile`, in the same runs, after their timed steps): per recipe and
    precision, the step's time by kind of kernel, device idle time, the most expensive kernels,
    launches and host synchronisations per step with the Python lines that make them;
-5. the coordinate check on the GPU path, as a plot.
+5. part `gemms` (bench/fp8_gemms.py): each GEMM of one layer of both recipes in bf16 and FP8, its
+   time on the device and the host's time to issue it;
+6. the coordinate check on the GPU path, as a plot.
 
     python bench/gpu_check.py [--out runs/gpu-check] [--steps 12] [--warmup 4] [--accumulation 8]
-                              [--parts tests mfu expert-rows profile coordcheck]
+                              [--parts tests mfu expert-rows profile gemms coordcheck]
 
 Each part's full output is kept beside report.md, which is rewritten after each part; a part that
 fails is reported and the rest run.
@@ -41,7 +43,7 @@ from gpu_mfu import markdown_table  # noqa: E402
 from megatron_power.config import load_config  # noqa: E402
 from megatron_power.training import hardware  # noqa: E402
 
-PARTS = ("tests", "mfu", "expert-rows", "profile", "coordcheck")
+PARTS = ("tests", "mfu", "expert-rows", "profile", "gemms", "coordcheck")
 
 
 def run(name: str, cmd: list, out: Path) -> dict:
@@ -105,6 +107,7 @@ def main():
         + (["--profile", str(out / "profile")] if "profile" in args.parts else []),
         "expert-rows": mfu + ["--recipes", "moe3b", "--precisions", "bf16", "--json", str(out / "expert-rows.json"),
                               "--micro-batch-size", str(moe3b.train.micro_batch_size * moe3b.parallel.ep)],
+        "gemms": [sys.executable, "bench/fp8_gemms.py", "--repeats", "20"],
         "coordcheck": [sys.executable, "-m", "megatron_power.cli", "coordcheck", "proxy", "--widths",
                        "128,256,512,1024", "--steps", "7", "--out", str(out / "coordcheck"),
                        "model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
@@ -134,6 +137,10 @@ def write_report(out: Path, machine: dict, parts: list, seconds: float) -> None:
     profiles = sorted((out / "profile").glob("*.md")) if (out / "profile").is_dir() else []
     if profiles:
         lines += ["", "## Profile", ""] + [p.read_text().replace("### steps", f"### {p.stem}: steps", 1) for p in profiles]
+    gemms = out / "gemms.log"
+    if gemms.is_file():
+        lines += ["", "## GEMMs, bf16 and FP8 (ms, forward + backward)", ""] + [
+            line for line in gemms.read_text().splitlines() if line.startswith(("|", "ceiling"))]
     coord = out / "coordcheck.log"
     if coord.is_file():
         lines += ["", "## Coordinate check (GPU)", ""] + [f"    {line}" for line in coord.read_text().splitlines()
