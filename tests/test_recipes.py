@@ -105,6 +105,24 @@ def test_fp8_plan_counts_transformer_engines_weight_copies():
     assert extra == 2 * (counts.total - counts.embedding)
 
 
+# Peak memory (max_memory_allocated, GiB) measured by bench/gpu_mfu.py on one H100 80GB (megatron-core
+# 0.16.1, TE 2.11, 8 micro-batches of one 4096-token sequence, the recipes' selective recompute).
+H100_PEAKS = [("dense3b", 35, "null", 65.42), ("dense3b", 35, "hybrid", 68.94),
+              ("moe3b", 23, "null", 47.74), ("moe3b", 23, "hybrid", 50.90)]
+
+
+@pytest.mark.parametrize("recipe,layers,fp8,measured", H100_PEAKS)
+def test_plan_within_15_percent_of_the_peak_measured_on_an_h100(recipe, layers, fp8, measured):
+    from megatron_power.config import load_config
+    from megatron_power.ops import plan
+
+    config = load_config(recipe, ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.sequence_parallel=false",
+                                  f"model.num_layers={layers}", "train.global_batch_size=8", f"precision.fp8={fp8}"],
+                         1, check_paths=False)
+    planned = plan.memory_per_gpu(config, plan.count_parameters(config, config.model.vocab_size), 1).total / plan.GIB
+    assert abs(planned / measured - 1) <= 0.15, (planned, measured)
+
+
 def test_moe_values_follow_their_sources():
     from transformers import GraniteMoeConfig
 

@@ -116,17 +116,21 @@ def memory_per_gpu(config, counts: ParamCounts, gpus: int) -> Memory:
     # In-flight micro-batches on the first stage under 1F1B: as many as there are stages.
     in_flight = min(p.pp, max(batch_sizes(t, s)) // (b * dp))
     sp = p.tp if p.sequence_parallel else 1
-    per_layer_full = s * b * h * (10 / sp + 24 / p.tp + 5 * a * s / (h * p.tp))
-    per_layer = {"none": per_layer_full,
-                 "selective": s * b * h * (10 / sp + 24 / p.tp),  # attention scores recomputed
-                 "full": 2 * s * b * h / sp}[config.precision.recompute]
+    # Bytes per token and layer (Korthikanti's 34 h): the attention block with its norm 13 h, the
+    # MLP block with its norm 21 h, of which 5 h each (norm and block inputs, dropout mask) are not
+    # split by TP; attention scores 5 a s / tp more unless recomputed.
+    attention = h * (5 / sp + 8 / p.tp)
     if m.num_experts:
-        # The MLP's share (about 19 of the 34 s*b*h bytes) is held for each of a token's top-k
-        # experts, at the expert's width rather than the dense MLP's.
-        scale = (15 + 19 * m.moe_topk * m.moe_ffn_hidden_size / m.ffn_hidden_size) / 34
-        per_layer_full *= scale
-        if config.precision.recompute != "full":
-            per_layer *= scale
+        # Korthikanti's 16 h of MLP intermediates are for one dense MLP 4 h wide. Each of a token's
+        # top-k expert copies keeps instead its own input (2 h), its fc1 output, SwiGLU's two
+        # halves (4 f), and the SwiGLU output (2 f), at the expert's width f.
+        mlp = 5 * h / sp + m.moe_topk * (2 * h + 6 * m.moe_ffn_hidden_size / p.tp)
+    else:
+        mlp = h * (5 / sp + 16 / p.tp)
+    per_layer_full = s * b * (attention + mlp + 5 * a * s / p.tp)
+    per_layer = {"none": per_layer_full,
+                 "selective": s * b * (attention + mlp),  # attention scores recomputed
+                 "full": 2 * s * b * h / sp}[config.precision.recompute]
     activations = per_layer * layers * in_flight
     # The busiest GPU is the first stage; it is also the last (with the logits) without pipelining.
     logits = s * b * counts.embedding / h / p.tp * LOGIT_BYTES if p.pp == 1 else 0.0
