@@ -79,3 +79,33 @@ def test_host_sync_counter_counts_device_reads_not_host_ones():
         torch.zeros(3).tolist()  # made on the host: free
     assert syncs.total == 3, syncs.sites
     assert all(site.startswith("tests/test_profile.py:") for site in syncs.sites), syncs.sites
+
+
+def test_gpu_check_report_holds_the_mfu_rows_and_start_up_a_gpu_run_writes(tmp_path):
+    """bench/gpu_check.py's report from bench/gpu_mfu.py's JSON (a row as the H100 run of
+    megatron-core 0.16.1 wrote it, one with this version's micro-batch, rows per expert and start-up,
+    and a failed one), rendered here so that a lent GPU's minutes do not find a formatting error."""
+    import json
+    import sys
+
+    from helpers import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+
+    old = {"recipe": "dense3b", "layers": "35/40", "precision": "bf16", "planned_gib": 64.07, "tokens_per_s": 18533,
+           "tflops": 379.9, "mfu": 0.384, "peak_gib": 65.42, "peak_vs_plan": 1.021}
+    new = {"recipe": "moe3b", "layers": "13/32", "precision": "bf16", "micro_batch": 8, "expert_rows": 6553,
+           "planned_gib": 70.5, "tokens_per_s": 41000, "tflops": 266.7, "mfu": 0.27, "peak_gib": 66.1,
+           "peak_vs_plan": 0.938, "startup_s": {"imports and checks": 9.5, "model and init": 21.25, "data": 0.4}}
+    failed = {"recipe": "moe3b", "layers": "31/32", "precision": "fp8", "micro_batch": 1, "expert_rows": 819,
+              "planned_gib": 70.1, "failed": True}
+    table = {"device": "NVIDIA H100 80GB HBM3", "bf16_peak_tflops": 989.0}
+    (tmp_path / "mfu.json").write_text(json.dumps({**table, "rows": [old, failed]}))
+    (tmp_path / "expert-rows.json").write_text(json.dumps({**table, "rows": [new]}))
+    gpu_check.write_report(tmp_path, {"policy": "1 x H100"}, [], 60.0)
+    report = (tmp_path / "report.md").read_text()
+    assert "| dense3b | 35/40 | bf16 |  |  | 18,533 | 379.9 | 38.4% |  | 65.42 | 64.07 | 1.02 |" in report
+    assert "| moe3b | 31/32 | fp8 | 1 | 819 | failed | | | | | 70.10 | |" in report
+    assert "| moe3b | 13/32 | bf16 | 8 | 6553 | 41,000 | 266.7 | 27.0% | 31 | 66.10 | 70.50 | 0.94 |" in report
+    assert "- moe3b bf16, micro-batch 8: imports and checks 10, model and init 21, data 0" in report
