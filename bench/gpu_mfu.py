@@ -8,14 +8,16 @@ after `--warmup`; start-up is the run's own count of its seconds before the firs
 
 On one GPU every expert of an MoE recipe is local, so each expert's grouped-GEMM rows per
 micro-batch are seq x micro-batch x top-k / experts: 819 for moe3b, where its 8-GPU layout (EP 8)
-gives each expert the tokens of 8 ranks, 6,554 rows. `--micro-batch-size` (moe3b's micro-batch x EP)
-gives one GPU the recipe layout's GEMM shapes, at the same FLOPs per token; each row states its
-micro-batch and, for MoE, the rows per expert. FLOPs per token are the planner's, counted on the model built on the meta device
-(what `megatron-power plan` prints), with causal attention counted as half, as Megatron-LM does.
-MFU is against the exact device's dense bf16 peak (hardware.BF16_PEAK_TFLOPS), for FP8 runs too,
-as Megatron-LM reports it, so that the two precisions compare. FP8 needs Transformer Engine;
-without it the FP8 rows are skipped rather than measured as bf16. Peak memory (the training
-process's max_memory_allocated) is set beside the planner's estimate for the same layout.
+gives each expert the tokens of 8 ranks, 6,554 rows. `--micro-batch-size` (moe3b's micro-batch x
+EP) gives one GPU the recipe layout's GEMM shapes, at the same FLOPs per token; each row states its
+micro-batch and, for MoE, the rows per expert.
+
+FLOPs per token are the planner's, counted on the model built on the meta device (what `megatron-power
+plan` prints), with causal attention counted as half, as Megatron-LM does. MFU is against the exact
+device's dense bf16 peak (hardware.BF16_PEAK_TFLOPS), for FP8 runs too, as Megatron-LM reports it,
+so that the two precisions compare. FP8 needs Transformer Engine; without it the FP8 rows are
+skipped rather than measured as bf16. Peak memory (the training process's max_memory_allocated) is
+set beside the planner's estimate for the same layout.
 With --profile DIR each run goes on past its timed steps: PROFILED_STEPS profiled steps, one whose
 host synchronisations are counted, and a last one, which also evaluates (profile.start_step,
 training/probes/profile.py); each run's summary is copied to DIR/<recipe>-<precision>.md and .json.
@@ -167,7 +169,7 @@ def main():
             row = {"recipe": recipe, "layers": f"{depth}/{m.num_layers}", "precision": precision,
                    "micro_batch": micro_batch, "planned_gib": round(planned, 2)}
             if m.num_experts:
-                row["expert_rows"] = micro_batch * m.seq_length * m.moe_topk // m.num_experts
+                row["expert_rows"] = round(micro_batch * m.seq_length * m.moe_topk / m.num_experts)
             measured = measure(recipe, common + PRECISION[precision] + profiling, args.steps, args.warmup,
                                args.profile / f"{recipe}-{precision}" if args.profile else None)
             if measured is None:
