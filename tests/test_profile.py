@@ -81,16 +81,15 @@ def test_host_sync_counter_counts_device_reads_not_host_ones():
     assert all(site.startswith("tests/test_profile.py:") for site in syncs.sites), syncs.sites
 
 
-def test_gpu_check_report_holds_the_mfu_rows_and_start_up_a_gpu_run_writes(tmp_path):
+def test_gpu_check_report_holds_the_mfu_rows_and_start_up_a_gpu_run_writes(tmp_path, monkeypatch):
     """bench/gpu_check.py's report from bench/gpu_mfu.py's JSON (a row as the H100 run of
     megatron-core 0.16.1 wrote it, one with this version's micro-batch, rows per expert and start-up,
     and a failed one), rendered here so that a lent GPU's minutes do not find a formatting error."""
     import json
-    import sys
 
     from helpers import ROOT
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # for this test only, not the rest of the suite
     import gpu_check
 
     old = {"recipe": "dense3b", "layers": "35/40", "precision": "bf16", "planned_gib": 64.07, "tokens_per_s": 18533,
