@@ -4,11 +4,13 @@ On a GPU machine with the packages installed it runs, in order:
 1. the machine and versions (GPU, driver, torch, CUDA, Transformer Engine, megatron-core, and the
    policy hardware.py decided);
 2. the GPU tests (tests/test_gpu.py: bf16 and FP8 against fp32 on the CPU, TE layers against local
-   ones, grouped-GEMM experts, checkpoints across GPU and CPU and to Hugging Face, coordinate check);
-3. the MFU benchmark (bench/gpu_mfu.py: dense3b and moe3b, bf16 and FP8, depth cut to fit), with
-   peak memory against the planner's estimate and each run's start-up;
-   part `expert-rows`: moe3b in bf16 again, at the micro-batch that gives each expert the rows it
-   gets in the recipe's own layout (micro-batch x EP), side by side with the row above;
+   ones, grouped-GEMM experts, checkpoints across GPU and CPU and to Hugging Face, coordinate check),
+   each in a pytest process of its own under `--test-timeout`, so that a check cut short still
+   has the failure text of every test that ended;
+3. the MFU benchmark (bench/gpu_mfu.py: dense3b and moe3b, bf16 and FP8, depth cut to fit, at the
+   recipes' micro-batch), with peak memory against the planner's estimate and each run's start-up;
+   part `micro-batch-1` (not run unless named): the same at one sequence per micro-batch, the
+   baseline the recipes' micro-batch was chosen against;
 4. the profile (part `profile`, in the same runs, after their timed steps): per recipe and
    precision, the step's time by kind of kernel, device idle time, the most expensive kernels,
    launches and host synchronisations per step with the Python lines that make them;
@@ -16,8 +18,8 @@ On a GPU machine with the packages installed it runs, in order:
    time on the device and the host's time to issue it;
 6. the coordinate check on the GPU path, as a plot.
 
-    python bench/gpu_check.py [--out runs/gpu-check] [--steps 12] [--warmup 4] [--accumulation 8]
-                              [--parts tests mfu expert-rows profile gemms coordcheck]
+    python bench/gpu_check.py [--out runs/gpu-check] [--steps 8] [--warmup 3] [--accumulation 4]
+                              [--parts tests mfu profile gemms coordcheck micro-batch-1]
 
 Each part's full output is kept beside report.md, which is rewritten after each part; a part that
 fails is reported and the rest run.
@@ -28,8 +30,10 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -40,21 +44,44 @@ sys.path.insert(0, str(ROOT))
 
 from gpu_mfu import markdown_table  # noqa: E402
 
-from megatron_power.config import load_config  # noqa: E402
 from megatron_power.training import hardware  # noqa: E402
 
-PARTS = ("tests", "mfu", "expert-rows", "profile", "gemms", "coordcheck")
+PARTS = ("tests", "mfu", "profile", "gemms", "coordcheck", "micro-batch-1")
+DEFAULT_PARTS = PARTS[:-1]
+GPU_TESTS = "tests/test_gpu.py"
 
 
-def run(name: str, cmd: list, out: Path) -> dict:
-    """Run one part, its output to OUT/NAME.log; how it went and how long it took."""
+def run(name: str, cmd: list, out: Path, limit: float = None) -> dict:
+    """Run one part (a command, or a list of them run one after the other, each within `limit`
+    seconds), its output to OUT/NAME.log; how it went and how long it took."""
     start = time.time()
+    code = 0
     with open(out / f"{name}.log", "w") as log:
-        code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        for one in cmd if isinstance(cmd[0], list) else [cmd]:
+            log.flush()
+            # A session of its own, so that a command over its limit goes with the training
+            # processes it started (they hold the GPU).
+            process = subprocess.Popen(one, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                code = process.wait(timeout=limit) or code
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                log.write(f"\n{one[-1]} TIMEOUT after {limit:.0f} s\n")
+                code = 124
     seconds = time.time() - start
     print(f"{name}: {'ok' if code == 0 else f'FAILED ({code})'} in {seconds:.0f} s -> {out / (name + '.log')}",
           flush=True)
     return {"part": name, "exit_code": code, "seconds": round(seconds, 1)}
+
+
+def gpu_test_commands() -> list:
+    """One pytest command per GPU test, without xdist (its workers lost the GPU on the first lent
+    machine)."""
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", GPU_TESTS],
+                            cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+    return [[sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-v", "-rA", test]
+            for test in listed if test.startswith(GPU_TESTS + "::")]
 
 
 def versions() -> dict:
@@ -77,10 +104,11 @@ def versions() -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu-check")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--accumulation", type=int, default=8)
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--accumulation", type=int, default=4)
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(DEFAULT_PARTS))
+    p.add_argument("--test-timeout", type=int, default=150, help="seconds for each GPU test")
     args = p.parse_args()
     hw = hardware.detect()
     if not hw.cuda:
@@ -97,27 +125,24 @@ def main():
     (out / "machine.json").write_text(json.dumps(machine, indent=1))
     print(json.dumps(machine, indent=1), flush=True)
 
-    moe3b = load_config("moe3b", [], 1, check_paths=False)
     mfu = [sys.executable, "bench/gpu_mfu.py", "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--accumulation", str(args.accumulation)]
     commands = {
-        "tests": [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v",
-                  f"--junitxml={out / 'tests.xml'}"],
+        "tests": gpu_test_commands(),
         "mfu": mfu + ["--json", str(out / "mfu.json")]
-        + (["--profile", str(out / "profile")] if "profile" in args.parts else []),
-        "expert-rows": mfu + ["--recipes", "moe3b", "--precisions", "bf16", "--json", str(out / "expert-rows.json"),
-                              "--micro-batch-size", str(moe3b.train.micro_batch_size * moe3b.parallel.ep)],
+        + (["--profile", str(out / "profile"), "--profiled-steps", "1"] if "profile" in args.parts else []),
         "gemms": [sys.executable, "bench/fp8_gemms.py", "--repeats", "20"],
         "coordcheck": [sys.executable, "-m", "megatron_power.cli", "coordcheck", "proxy", "--widths",
                        "128,256,512,1024", "--steps", "7", "--out", str(out / "coordcheck"),
                        "model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
                        "train.micro_batch_size=8", "schedule.lr_max=0.02", f"out_dir={out}"],
+        "micro-batch-1": mfu + ["--micro-batch-size", "1", "--json", str(out / "micro-batch-1.json")],
     }
     # The profile comes from the MFU runs (after their timed steps): one run per recipe and precision.
     names = [name for name in commands if name in args.parts or (name == "mfu" and "profile" in args.parts)]
     parts = []
     for name in names:  # the report after each part, so that a check cut short keeps what it found
-        parts.append(run(name, commands[name], out))
+        parts.append(run(name, commands[name], out, args.test_timeout if name == "tests" else None))
         write_report(out, machine, parts, time.time() - start)
     sys.exit(0 if all(part["exit_code"] == 0 for part in parts) else 1)
 
@@ -128,9 +153,10 @@ def write_report(out: Path, machine: dict, parts: list, seconds: float) -> None:
     lines += ["", f"Total {seconds / 60:.1f} min.", "", "| part | result | seconds |", "|---|---|---|"]
     lines += [f"| {p['part']} | {'ok' if p['exit_code'] == 0 else 'FAILED'} | {p['seconds']} |" for p in parts]
     tests_log = (out / "tests.log").read_text() if (out / "tests.log").is_file() else ""
-    summary = [line for line in tests_log.splitlines() if " PASSED" in line or " FAILED" in line or " SKIPPED" in line]
+    summary = [line for line in tests_log.splitlines() if line.startswith(GPU_TESTS + "::")
+               and any(word in line for word in (" PASSED", " FAILED", " SKIPPED", " ERROR", " TIMEOUT"))]
     lines += ["", "## Tests", ""] + [f"    {line}" for line in summary]
-    tables = [json.loads((out / name).read_text()) for name in ("mfu.json", "expert-rows.json") if (out / name).is_file()]
+    tables = [json.loads((out / name).read_text()) for name in ("mfu.json", "micro-batch-1.json") if (out / name).is_file()]
     if tables:
         rows = [row for table in tables for row in table["rows"]]
         lines += ["", "## MFU", ""] + markdown_table({**tables[0], "rows": rows})

@@ -7,10 +7,10 @@ recipe's micro-batch and recompute; `--layers` sets it by hand). Tokens/s is tak
 after `--warmup`; start-up is the run's own count of its seconds before the first step.
 
 On one GPU every expert of an MoE recipe is local, so each expert's grouped-GEMM rows per
-micro-batch are seq x micro-batch x top-k / experts: 819 for moe3b, where its 8-GPU layout (EP 8)
-gives each expert the tokens of 8 ranks, 6,554 rows. `--micro-batch-size` (moe3b's micro-batch x
-EP) gives one GPU the recipe layout's GEMM shapes, at the same FLOPs per token; each row states its
-micro-batch and, for MoE, the rows per expert.
+micro-batch are seq x micro-batch x top-k / experts, an EP-th of what the recipe's own layout gives
+it (there each rank's experts receive the tokens of all EP ranks), and the host launches the work
+of all experts for one rank's tokens. `--micro-batch-size` sets the micro-batch (the recipe's by
+default); each row states its micro-batch and, for MoE, the rows per expert.
 
 FLOPs per token are the planner's, counted on the model built on the meta device (what `megatron-power
 plan` prints), with causal attention counted as half, as Megatron-LM does. MFU is against the exact
@@ -18,7 +18,7 @@ device's dense bf16 peak (hardware.BF16_PEAK_TFLOPS), for FP8 runs too, as Megat
 so that the two precisions compare. FP8 needs Transformer Engine; without it the FP8 rows are
 skipped rather than measured as bf16. Peak memory (the training process's max_memory_allocated) is
 set beside the planner's estimate for the same layout.
-With --profile DIR each run goes on past its timed steps: PROFILED_STEPS profiled steps, one whose
+With --profile DIR each run goes on past its timed steps: --profiled-steps profiled steps, one whose
 host synchronisations are counted, and a last one, which also evaluates (profile.start_step,
 training/probes/profile.py); each run's summary is copied to DIR/<recipe>-<precision>.md and .json.
 
@@ -49,7 +49,6 @@ from megatron_power.training import hardware  # noqa: E402
 
 ONE_GPU = ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.sequence_parallel=false"]
 PRECISION = {"bf16": ["precision.fp8=null"], "fp8": []}  # the 3B recipes name their FP8 setting
-PROFILED_STEPS = 2
 
 
 def bf16_peak(gpu_name: str, override_tflops: float) -> float:
@@ -128,6 +127,7 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak, if not an H100/H200")
     p.add_argument("--json", type=Path, help="also write the table here")
     p.add_argument("--profile", type=Path, help="profile each run after its timed steps; summaries to this folder")
+    p.add_argument("--profiled-steps", type=int, default=2, help="steps inside the profiler (their export grows with each)")
     args = p.parse_args()
     hw = hardware.detect()
     if not hw.cuda:
@@ -141,8 +141,8 @@ def main():
     profiling = []
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
-        run_steps += PROFILED_STEPS + 2  # the counted step, and a last one (it also evaluates) after it
-        profiling = [f"profile.start_step={args.steps + 1}", f"profile.steps={PROFILED_STEPS}"]
+        run_steps += args.profiled_steps + 2  # the counted step, and a last one (it also evaluates) after it
+        profiling = [f"profile.start_step={args.steps + 1}", f"profile.steps={args.profiled_steps}"]
     rows = []
     table = {"device": hw.gpu_name, "bf16_peak_tflops": peak / 1e12, "rows": rows}
     for recipe in args.recipes:

@@ -84,7 +84,8 @@ def test_host_sync_counter_counts_device_reads_not_host_ones():
 def test_gpu_check_report_holds_the_mfu_rows_and_start_up_a_gpu_run_writes(tmp_path, monkeypatch):
     """bench/gpu_check.py's report from bench/gpu_mfu.py's JSON (a row as the H100 run of
     megatron-core 0.16.1 wrote it, one with this version's micro-batch, rows per expert and start-up,
-    and a failed one), rendered here so that a lent GPU's minutes do not find a formatting error."""
+    and a failed one) and from the GPU tests' log (one pytest process per test, each with its
+    summary), rendered here so that a lent GPU's minutes do not find a formatting error."""
     import json
 
     from helpers import ROOT
@@ -94,17 +95,53 @@ def test_gpu_check_report_holds_the_mfu_rows_and_start_up_a_gpu_run_writes(tmp_p
 
     old = {"recipe": "dense3b", "layers": "35/40", "precision": "bf16", "planned_gib": 64.07, "tokens_per_s": 18533,
            "tflops": 379.9, "mfu": 0.384, "peak_gib": 65.42, "peak_vs_plan": 1.021}
-    new = {"recipe": "moe3b", "layers": "13/32", "precision": "bf16", "micro_batch": 8, "expert_rows": 6554,
+    new = {"recipe": "moe3b", "layers": "13/32", "precision": "bf16", "micro_batch": 1, "expert_rows": 819,
            "planned_gib": 70.5, "tokens_per_s": 41000, "tflops": 266.7, "mfu": 0.27, "peak_gib": 66.1,
            "peak_vs_plan": 0.938, "startup_s": {"imports and checks": 9.5, "model and init": 21.25, "data": 0.4}}
     failed = {"recipe": "moe3b", "layers": "31/32", "precision": "fp8", "micro_batch": 1, "expert_rows": 819,
               "planned_gib": 70.1, "failed": True}
     table = {"device": "NVIDIA H100 80GB HBM3", "bf16_peak_tflops": 989.0}
     (tmp_path / "mfu.json").write_text(json.dumps({**table, "rows": [old, failed]}))
-    (tmp_path / "expert-rows.json").write_text(json.dumps({**table, "rows": [new]}))
+    (tmp_path / "micro-batch-1.json").write_text(json.dumps({**table, "rows": [new]}))
+    (tmp_path / "tests.log").write_text(
+        "tests/test_gpu.py::test_bf16_trains_like_fp32_on_cpu[dense] FAILED       [100%]\n"
+        "FAILED tests/test_gpu.py::test_bf16_trains_like_fp32_on_cpu[dense] - AssertionError: step 3\n"
+        "tests/test_gpu.py::test_fp8_trains_like_fp32_on_cpu PASSED [100%]\n"
+        "PASSED tests/test_gpu.py::test_fp8_trains_like_fp32_on_cpu\n")
     gpu_check.write_report(tmp_path, {"policy": "1 x H100"}, [], 60.0)
     report = (tmp_path / "report.md").read_text()
     assert "| dense3b | 35/40 | bf16 |  |  | 18,533 | 379.9 | 38.4% |  | 65.42 | 64.07 | 1.02 |" in report
     assert "| moe3b | 31/32 | fp8 | 1 | 819 | failed | | | | | 70.10 | |" in report
-    assert "| moe3b | 13/32 | bf16 | 8 | 6554 | 41,000 | 266.7 | 27.0% | 31 | 66.10 | 70.50 | 0.94 |" in report
-    assert "- moe3b bf16, micro-batch 8: imports and checks 10, model and init 21, data 0" in report
+    assert "| moe3b | 13/32 | bf16 | 1 | 819 | 41,000 | 266.7 | 27.0% | 31 | 66.10 | 70.50 | 0.94 |" in report
+    assert "- moe3b bf16, micro-batch 1: imports and checks 10, model and init 21, data 0" in report
+    tests = report.split("## Tests")[1].split("##")[0]
+    assert [line.split()[1] for line in tests.strip().splitlines()] == ["FAILED", "PASSED"]
+
+
+def test_gpu_check_stops_a_test_over_its_limit_with_the_processes_it_started(tmp_path, monkeypatch):
+    """A GPU test over `--test-timeout` is stopped with its training processes (they would hold the
+    GPU for the parts after it); the tests before it keep their output and the report names it."""
+    import sys
+    import time
+
+    import psutil
+
+    from helpers import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_check
+
+    child = tmp_path / "child.pid"
+    hangs = f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); " \
+            f"open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(600); " \
+            f"print('tests/test_gpu.py::test_hangs')"
+    start = time.time()
+    part = gpu_check.run("tests", [[sys.executable, "-c", "print('tests/test_gpu.py::test_quick PASSED [ 50%]')"],
+                                   [sys.executable, "-c", hangs, "tests/test_gpu.py::test_hangs"]], tmp_path, limit=5)
+    assert part["exit_code"] == 124 and time.time() - start < 60
+    pid = int(child.read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    gpu_check.write_report(tmp_path, {"policy": "1 x H100"}, [part], 6.0)
+    tests = (tmp_path / "report.md").read_text().split("## Tests")[1].split("##")[0].split()
+    assert tests == ["tests/test_gpu.py::test_quick", "PASSED", "[", "50%]", "tests/test_gpu.py::test_hangs", "TIMEOUT",
+                     "after", "5", "s"]
