@@ -105,20 +105,46 @@ def test_fp8_plan_counts_transformer_engines_weight_copies():
     assert extra == 2 * (counts.total - counts.embedding)
 
 
-# Peak memory (max_memory_allocated, GiB) measured by bench/gpu_mfu.py on one H100 80GB (megatron-core
-# 0.16.1, TE 2.11, 8 micro-batches of one 4096-token sequence, the recipes' selective recompute).
-H100_PEAKS = [("dense3b", 35, "null", 65.42), ("dense3b", 35, "hybrid", 68.94),
-              ("moe3b", 23, "null", 47.74), ("moe3b", 23, "hybrid", 50.90)]
+
+# The H200 profile (README, "GPU throughput") found the 3B recipes host-bound at one sequence per
+# micro-batch: the host took longer to issue a layer's kernels than the device took to run them
+# (moe3b: device idle 88% of the step; dense3b FP8: 55%). More sequences per micro-batch give the
+# device more work per launch at the same launches, so each paper recipe takes the most its own
+# 8-GPU layout holds, in powers of two, by the planner, leaving a quarter of an 80 GB GPU for what
+# the plan does not count (allocator fragmentation, NCCL buffers, MoE routing imbalance).
+MICRO_BATCH_SHARE = 0.75
 
 
-@pytest.mark.parametrize("recipe,layers,fp8,measured", H100_PEAKS)
-def test_plan_within_15_percent_of_the_peak_measured_on_an_h100(recipe, layers, fp8, measured):
+@pytest.mark.parametrize("recipe", ["dense1b", "moe1b", "dense3b", "moe3b"])
+def test_micro_batch_is_the_largest_the_recipe_layout_holds_in_three_quarters_of_80gb(recipe):
+    from megatron_power.config import load_config
+    from megatron_power.ops import plan
+
+    def planned_gib(micro_batch: int) -> float:
+        config = load_config(recipe, [f"train.micro_batch_size={micro_batch}"], 8, check_paths=False)
+        return plan.memory_per_gpu(config, plan.count_parameters(config, config.model.vocab_size), 8).total / plan.GIB
+
+    chosen = load_config(recipe, [], 8, check_paths=False).train.micro_batch_size
+    assert planned_gib(chosen) <= MICRO_BATCH_SHARE * 80, (chosen, planned_gib(chosen))
+    assert planned_gib(2 * chosen) > MICRO_BATCH_SHARE * 80, (2 * chosen, planned_gib(2 * chosen))
+
+# Peak memory (max_memory_allocated, GiB) measured by bench/gpu_mfu.py at one 4096-token sequence per
+# micro-batch with the recipes' selective recompute: on one H100 80GB (megatron-core 0.16.1, TE 2.11,
+# 8 micro-batches) and on one H200 (megatron-core 0.19.2, TE 2.20.2, 4 micro-batches).
+MEASURED_PEAKS = [("H100, 0.16.1", "dense3b", 35, "null", 65.42), ("H100, 0.16.1", "dense3b", 35, "hybrid", 68.94),
+                  ("H100, 0.16.1", "moe3b", 23, "null", 47.74), ("H100, 0.16.1", "moe3b", 23, "hybrid", 50.90),
+                  ("H200, 0.19.2", "dense3b", 40, "null", 74.31), ("H200, 0.19.2", "dense3b", 40, "hybrid", 78.38),
+                  ("H200, 0.19.2", "moe3b", 32, "null", 65.40)]
+
+
+@pytest.mark.parametrize("run,recipe,layers,fp8,measured", MEASURED_PEAKS)
+def test_plan_within_15_percent_of_the_peak_measured_on_a_gpu(run, recipe, layers, fp8, measured):
     from megatron_power.config import load_config
     from megatron_power.ops import plan
 
     config = load_config(recipe, ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.sequence_parallel=false",
-                                  f"model.num_layers={layers}", "train.global_batch_size=8", f"precision.fp8={fp8}"],
-                         1, check_paths=False)
+                                  f"model.num_layers={layers}", "train.micro_batch_size=1", "train.global_batch_size=8",
+                                  f"precision.fp8={fp8}"], 1, check_paths=False)
     planned = plan.memory_per_gpu(config, plan.count_parameters(config, config.model.vocab_size), 1).total / plan.GIB
     assert abs(planned / measured - 1) <= 0.15, (planned, measured)
 
