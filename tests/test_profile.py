@@ -81,6 +81,30 @@ def test_host_sync_counter_counts_device_reads_not_host_ones():
     assert all(site.startswith("tests/test_profile.py:") for site in syncs.sites), syncs.sites
 
 
+
+def test_host_sync_counter_runs_compiled_functions_eagerly():
+    """On the H200, Dynamo traced the counter's mode inside Megatron's compiled fusions and
+    recompiled them to its limit of 8 in the counted step, and the recompilations' own
+    synchronisations were counted as the step's. Inside the counter, compiled functions run as
+    plain eager code: nothing is compiled, and their operations are counted like any others."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    @torch.compile
+    def swiglu(x, y):
+        return torch.nn.functional.silu(x) * y
+
+    swiglu(torch.randn(8, 8), torch.randn(8, 8))
+    graphs = counters["stats"]["unique_graphs"]
+    inputs = [(torch.randn(8, 8), torch.randn(8, 8)) for _ in range(3)]  # made outside: device tensors
+    with host_syncs.HostSyncCounter() as syncs:
+        outputs = [swiglu(x, y) for x, y in inputs]
+        for out in outputs:
+            out.sum().item()
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert syncs.total == 3, syncs.sites
+    assert all(torch.equal(out, torch.nn.functional.silu(x) * y) for out, (x, y) in zip(outputs, inputs))
+
 def test_gpu_check_report_holds_the_mfu_rows_and_start_up_a_gpu_run_writes(tmp_path, monkeypatch):
     """bench/gpu_check.py's report from bench/gpu_mfu.py's JSON (a row as the H100 run of
     megatron-core 0.16.1 wrote it, one with this version's micro-batch, rows per expert and start-up,

@@ -137,6 +137,10 @@ class HostSyncCounter(HostTensors):
         self._replaced = []
 
     def __enter__(self):
+        # Compiled functions (Megatron's fusions) run as eager code while counting: otherwise
+        # Dynamo traces this mode into them and recompiles at each call (new tensors fail its
+        # guards) up to its limit, and the compilations' own synchronisations are counted.
+        self._stance = torch.compiler.set_stance("force_eager")
         # Looked up now: on a CPU run cpu_compat has put its stand-ins in torch.cuda's place.
         owners = {id(owner): owner for owner in (torch.cuda.Stream, torch.cuda.Event)}
         for owner in [torch.cuda, *owners.values()]:
@@ -149,6 +153,7 @@ class HostSyncCounter(HostTensors):
         for owner, original in reversed(self._replaced):
             owner.synchronize = original
         self._replaced.clear()
+        self._stance.__exit__(*exc)
         return super().__exit__(*exc)
 
     @property
