@@ -13,6 +13,11 @@ Per profiled step it reports each category's time and share of the device's busy
 the device sat idle while the step ran (the host was behind), the 20 most expensive kernels, the
 kernel launches, and the host synchronisations the trace shows (stream / device / event
 synchronise calls, device-to-host copies, and `aten::_local_scalar_dense`: `.item()` and friends).
+
+And who issues the work: per module class (the innermost annotation around the call; in the
+backward, the autograd node), the host's own time in it (its span less the spans of the modules
+and nodes inside it), the kernels it launched and their device time. When the device waits for the
+host, the host column says where the host's time goes.
 """
 
 from __future__ import annotations
@@ -75,6 +80,49 @@ def _link_parents(events: list) -> None:
             stack.append(e)
 
 
+BACKWARD = "autograd::engine::evaluate_function: "
+OUTSIDE = "outside modules"
+
+
+def _is_owner(event) -> bool:
+    """A module's forward (StepProfiler's annotation by class) or an autograd node's backward."""
+    name = event["name"]
+    return ((event.get("cat") == "user_annotation" and not name.startswith(STEP_PREFIX))
+            or (event.get("cat") == "cpu_op" and name.startswith(BACKWARD)))
+
+
+def _owner_label(event) -> str:
+    name = event["name"]
+    return f"{name[len(BACKWARD):]} (backward)" if name.startswith(BACKWARD) else name
+
+
+def _owner(event):
+    """The innermost module or autograd node around a host event (the event itself included)."""
+    while event is not None and not _is_owner(event):
+        event = event.get("_parent")
+    return event
+
+
+def _by_owner(events: list, work_owners: list, launch_owners: list, n: int, top: int) -> list:
+    """Rows of host self time, launches and device time per owner label, most host time first."""
+    host = collections.Counter()
+    for e in events:
+        if _is_owner(e):
+            host[_owner_label(e)] += e.get("dur", 0)
+            outer = _owner(e.get("_parent"))
+            if outer is not None:
+                host[_owner_label(outer)] -= e.get("dur", 0)
+    device, launched = collections.Counter(), collections.Counter()
+    for owner, us in work_owners:
+        device[_owner_label(owner) if owner else OUTSIDE] += us
+    for owner in launch_owners:
+        launched[_owner_label(owner) if owner else OUTSIDE] += 1
+    labels = sorted(set(host) | set(device) | set(launched), key=lambda k: (-host[k], -device[k]))
+    return [{"issued_by": k, "host_ms_per_step": round(host[k] / n / 1e3, 3),
+             "launches_per_step": round(launched[k] / n, 1), "device_ms_per_step": round(device[k] / n / 1e3, 3)}
+            for k in labels[:top]]
+
+
 def _context(event) -> list:
     names = []
     while event is not None:
@@ -106,13 +154,16 @@ def summarize(trace: dict, top: int = 20) -> dict:
     kernels = [e for e in events if e.get("cat") in _DEVICE]
     on_gpu = bool(kernels)
     if on_gpu:  # (name, microseconds, the calls around its launch)
-        work = [(e["name"], e["dur"], _context(launches.get(e.get("args", {}).get("correlation"))))
-                for e in kernels]
-        launch_count = sum(1 for e in launches.values() if "Launch" in e["name"])
+        issuers = [launches.get(e.get("args", {}).get("correlation")) for e in kernels]
+        work = [(e["name"], e["dur"], _context(issuer)) for e, issuer in zip(kernels, issuers)]
+        launch_owners = [_owner(e) for e in launches.values() if "Launch" in e["name"]]
     else:
-        work = [(e["name"], e["dur"] - e.get("_inner", 0), _context(e.get("_parent")))
-                for e in events if e.get("cat") == "cpu_op"]
-        launch_count = len(work)
+        ops = [e for e in events if e.get("cat") == "cpu_op"]
+        issuers = [e.get("_parent") for e in ops]
+        work = [(e["name"], e["dur"] - e.get("_inner", 0), _context(e.get("_parent"))) for e in ops]
+        launch_owners = [_owner(e) for e in issuers]
+    launch_count = len(launch_owners)
+    work_owners = [(_owner(issuer), us) for issuer, (_, us, _) in zip(issuers, work)]
 
     by_category = collections.Counter()
     by_name = collections.defaultdict(lambda: [0.0, 0])
@@ -138,6 +189,7 @@ def summarize(trace: dict, top: int = 20) -> dict:
                 for name, (us, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
         "launches_per_step": round(launch_count / n, 1),
         "syncs_per_step": {k: round(v / n, 1) for k, v in syncs.items()},
+        "issued_by": _by_owner(events, work_owners, launch_owners, n, top),
     }
     if on_gpu:  # the device's busy time inside the steps against their length
         windows = [(s["ts"], s["ts"] + s["dur"]) for s in steps]
@@ -160,6 +212,11 @@ def markdown(summary: dict, title: str) -> str:
     lines += ["", f"| {len(summary['top'])} most expensive | ms / step | calls / step | share |", "|---|---|---|---|"]
     lines += [f"| `{t['name'][:90]}` | {t['ms_per_step']:.2f} | {t['calls_per_step']:g} | {t['share']:.1%} |"
               for t in summary["top"]]
+    if summary.get("issued_by"):
+        counted = "launches" if summary["device"] == "gpu" else "operators"
+        lines += ["", f"| issued by | host ms / step | {counted} / step | device ms / step |", "|---|---|---|---|"]
+        lines += [f"| `{r['issued_by'][:90]}` | {r['host_ms_per_step']:.2f} | {r['launches_per_step']:g} | "
+                  f"{r['device_ms_per_step']:.2f} |" for r in summary["issued_by"]]
     sites = summary.get("host_sync_sites")
     if sites is not None:
         lines += ["", f"Synchronising calls from Python, counted on step {summary['counted_step']}: "
