@@ -156,14 +156,15 @@ def summarize(trace: dict, top: int = 20) -> dict:
     if on_gpu:  # (name, microseconds, the calls around its launch)
         issuers = [launches.get(e.get("args", {}).get("correlation")) for e in kernels]
         work = [(e["name"], e["dur"], _context(issuer)) for e, issuer in zip(kernels, issuers)]
-        launch_owners = [_owner(e) for e in launches.values() if "Launch" in e["name"]]
     else:
         ops = [e for e in events if e.get("cat") == "cpu_op"]
         issuers = [e.get("_parent") for e in ops]
-        work = [(e["name"], e["dur"] - e.get("_inner", 0), _context(e.get("_parent"))) for e in ops]
-        launch_owners = [_owner(e) for e in issuers]
-    launch_count = len(launch_owners)
+        work = [(e["name"], e["dur"] - e.get("_inner", 0), _context(issuer)) for e, issuer in zip(ops, issuers)]
     work_owners = [(_owner(issuer), us) for issuer, (_, us, _) in zip(issuers, work)]
+    # On a GPU the kernel launch calls (copies are not launches); on a CPU each operator.
+    launch_owners = ([_owner(e) for e in launches.values() if "Launch" in e["name"]] if on_gpu
+                     else [owner for owner, _ in work_owners])
+    launch_count = len(launch_owners)
 
     by_category = collections.Counter()
     by_name = collections.defaultdict(lambda: [0.0, 0])
