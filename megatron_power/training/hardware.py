@@ -22,7 +22,7 @@ import torch
 TE_MODULE = "transformer_engine.pytorch.fp8"
 FUSED_SOFTMAX_MODULE = "scaled_masked_softmax_cuda"  # Apex's kernel behind masked_softmax_fusion
 # Apex's kernel behind gradient_accumulation_fusion: Megatron's own output layer requires it once
-# the flag is on, even where Transformer Engine's layers would fuse without it.
+# the flag is on; without it only Transformer Engine's layers fuse (optim.accumulate_wgrads_in_te_gemms).
 FUSED_WGRAD_MODULE = "fused_weight_gradient_mlp_cuda"
 APEX_MODULE = "apex"
 
