@@ -16,10 +16,13 @@ On a GPU machine with the packages installed it runs, in order:
    launches and host synchronisations per step with the Python lines that make them;
 5. part `gemms` (bench/fp8_gemms.py): each GEMM of one layer of both recipes in bf16 and FP8, its
    time on the device and the host's time to issue it;
-6. the coordinate check on the GPU path, as a plot.
+6. the coordinate check on the GPU path, as a plot;
+7. part `cuda-graphs`: the MFU benchmark again with each layer's static part replayed from CUDA
+   graphs (precision.cuda_graphs), its timed steps after the capture, beside the eager rows.
 
     python bench/gpu_check.py [--out runs/gpu-check] [--steps 8] [--warmup 3] [--accumulation 4]
-                              [--parts tests mfu profile gemms coordcheck micro-batch-1]
+                              [--parts tests mfu profile gemms coordcheck cuda-graphs
+                                       micro-batch-1]
 
 Each part's full output is kept beside report.md, which is rewritten after each part; a part that
 fails is reported and the rest run.
@@ -44,9 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 from gpu_mfu import markdown_table  # noqa: E402
 
-from megatron_power.training import hardware  # noqa: E402
+from megatron_power.training import cuda_graphs, hardware  # noqa: E402
 
-PARTS = ("tests", "mfu", "profile", "gemms", "coordcheck", "micro-batch-1")
+PARTS = ("tests", "mfu", "profile", "gemms", "coordcheck", "cuda-graphs", "micro-batch-1")
 DEFAULT_PARTS = PARTS[:-1]
 GPU_TESTS = "tests/test_gpu.py"
 
@@ -125,6 +128,7 @@ def main():
     (out / "machine.json").write_text(json.dumps(machine, indent=1))
     print(json.dumps(machine, indent=1), flush=True)
 
+    graphs_warmup = max(args.warmup, cuda_graphs.WARMUP_STEPS + 1)
     mfu = [sys.executable, "bench/gpu_mfu.py", "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--accumulation", str(args.accumulation)]
     commands = {
@@ -136,6 +140,9 @@ def main():
                        "128,256,512,1024", "--steps", "7", "--out", str(out / "coordcheck"),
                        "model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
                        "train.micro_batch_size=8", "schedule.lr_max=0.02", f"out_dir={out}"],
+        # The timed steps start after the capture (argparse takes an option's last value).
+        "cuda-graphs": mfu + ["--cuda-graphs", "--warmup", str(graphs_warmup), "--steps",
+                              str(args.steps + graphs_warmup - args.warmup), "--json", str(out / "cuda-graphs.json")],
         "micro-batch-1": mfu + ["--micro-batch-size", "1", "--json", str(out / "micro-batch-1.json")],
     }
     # The profile comes from the MFU runs (after their timed steps): one run per recipe and precision.
@@ -156,7 +163,8 @@ def write_report(out: Path, machine: dict, parts: list, seconds: float) -> None:
     summary = [line for line in tests_log.splitlines() if line.startswith(GPU_TESTS + "::")
                and any(word in line for word in (" PASSED", " FAILED", " SKIPPED", " ERROR", " TIMEOUT"))]
     lines += ["", "## Tests", ""] + [f"    {line}" for line in summary]
-    tables = [json.loads((out / name).read_text()) for name in ("mfu.json", "micro-batch-1.json") if (out / name).is_file()]
+    tables = [json.loads((out / name).read_text()) for name in ("mfu.json", "cuda-graphs.json", "micro-batch-1.json")
+              if (out / name).is_file()]
     if tables:
         rows = [row for table in tables for row in table["rows"]]
         lines += ["", "## MFU", ""] + markdown_table({**tables[0], "rows": rows})

@@ -21,12 +21,15 @@ set beside the planner's estimate for the same layout.
 With --profile DIR each run goes on past its timed steps: --profiled-steps profiled steps, one whose
 host synchronisations are counted, and a last one, which also evaluates (profile.start_step,
 training/probes/profile.py); each run's summary is copied to DIR/<recipe>-<precision>.md and .json.
+With --cuda-graphs each layer's static part replays from CUDA graphs (precision.cuda_graphs,
+training/cuda_graphs.py), captured after the first eager steps; --warmup must pass them.
 
 Reference: Megatron-Core's published 41% MFU for a 1.7B model in bf16 on H100.
 
     .venv/bin/python bench/gpu_mfu.py [--recipes dense3b moe3b] [--precisions bf16 fp8]
                                       [--steps 30] [--warmup 10] [--accumulation 16] [--layers N]
                                       [--micro-batch-size N] [--json table.json] [--profile DIR]
+                                      [--cuda-graphs]
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from megatron_power.config import load_config  # noqa: E402
 from megatron_power.ops import plan  # noqa: E402
-from megatron_power.training import hardware  # noqa: E402
+from megatron_power.training import cuda_graphs, hardware  # noqa: E402
 
 ONE_GPU = ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.sequence_parallel=false"]
 PRECISION = {"bf16": ["precision.fp8=null"], "fp8": []}  # the 3B recipes name their FP8 setting
@@ -128,12 +131,17 @@ def main():
     p.add_argument("--json", type=Path, help="also write the table here")
     p.add_argument("--profile", type=Path, help="profile each run after its timed steps; summaries to this folder")
     p.add_argument("--profiled-steps", type=int, default=2, help="steps inside the profiler (their export grows with each)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each layer's static part from CUDA graphs (precision.cuda_graphs=true)")
     args = p.parse_args()
     hw = hardware.detect()
     if not hw.cuda:
         sys.exit("bench/gpu_mfu.py measures GPU throughput and needs a CUDA GPU; none was found")
     if args.warmup >= args.steps:
         sys.exit(f"--warmup ({args.warmup}) must be less than --steps ({args.steps})")
+    if args.cuda_graphs and args.warmup <= cuda_graphs.WARMUP_STEPS:
+        sys.exit(f"--warmup ({args.warmup}) must be more than the {cuda_graphs.WARMUP_STEPS} eager steps after which "
+                 f"the CUDA graphs are captured, so that the capture is not timed")
     subprocess.run([sys.executable, "-m", "megatron_power.cli", "data"], cwd=ROOT, check=True)
     peak = bf16_peak(hw.gpu_name, args.peak_tflops)
     capacity = hw.gpu_memory_gib
@@ -152,6 +160,8 @@ def main():
         common = ONE_GPU + [f"train.micro_batch_size={micro_batch}", f"train.global_batch_size={batch}",
                             f"train.tokens={run_steps * batch * base.model.seq_length}",
                             "train.eval_interval=1000000", "train.eval_batches=1", "checkpoint.save=false"]
+        if args.cuda_graphs:
+            common.append("precision.cuda_graphs=true")
         # One depth for both precisions, the one that fits in FP8 (its weight copies take more),
         # so that their tokens/s compare.
         depth = args.layers or min(fitting_depth(recipe, common + PRECISION[precision], capacity)
@@ -166,7 +176,8 @@ def main():
             flops = plan.flops_per_token(config, counts)
             planned = plan.memory_per_gpu(config, counts, 1).total / plan.GIB
             m = config.model
-            row = {"recipe": recipe, "layers": f"{depth}/{m.num_layers}", "precision": precision,
+            label = f"{precision}, CUDA graphs" if args.cuda_graphs else precision
+            row = {"recipe": recipe, "layers": f"{depth}/{m.num_layers}", "precision": label,
                    "micro_batch": micro_batch, "planned_gib": round(planned, 2)}
             if m.num_experts:
                 row["expert_rows"] = round(micro_batch * m.seq_length * m.moe_topk / m.num_experts)

@@ -49,6 +49,7 @@ BAD = [
     (["profile.ranks=[0,2]"], 2, "profile.ranks [0, 2] must be ranks of this run (0 to 1)"),
     (["profile.start_step=5", "profile.steps=0"], 1, "profile.start_step must be >= 0 (0: off) and profile.steps >= 1"),
     (["logging.wandb.project=p", "logging.wandb.mode=disabled"], 1, "logging.wandb.mode must be online or offline, got 'disabled'"),
+    (["precision.cuda_graphs=true", "precision.recompute=full"], 1, "precision.cuda_graphs=true cannot replay a fully recomputed layer"),
     (["checkpoint.merge.interval=150"], 1, "checkpoint.merge.interval (150) must be a multiple of checkpoint.interval (100): it merges saved checkpoints"),
     (["checkpoint.merge.interval=100", "checkpoint.merge.last=3"], 1, "checkpoint.merge.last (3) must be at least 2 and at most checkpoint.keep (2)"),
     (["checkpoint.merge.interval=100", "checkpoint.merge.last=2", "checkpoint.merge.weights=steep"], 1, "checkpoint.merge.weights: merge weights 'steep': expected one of uniform"),

@@ -70,6 +70,13 @@ def test_bf16_trains_like_fp32_on_cpu(default_data, tmp_path, model):
     # which Adam's normalised step would hide from the losses.
     first_grad_norm = [records(tmp_path / run, "loss")[0]["grad_norm"] for run in ("gpu", "cpu")]
     assert first_grad_norm[0] == pytest.approx(first_grad_norm[1], rel=0.05)
+    # From step 4 each layer's static part replays from CUDA graphs (with TE): the same kernels,
+    # so the eager run's losses; a replay on stale inputs or weights would leave them far behind.
+    graphed = run_train(tmp_path, "graphed", model + ["precision.fp8=null", "precision.cuda_graphs=true"],
+                        env_vars=GPU_ENV)
+    if importlib.util.find_spec("transformer_engine"):
+        assert "captured after step 3" in graphed.stdout
+    assert_close(metrics(tmp_path / "graphed")[0], gpu, 0.05)
 
 
 @needs_te

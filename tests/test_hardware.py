@@ -91,6 +91,26 @@ def test_model_reads_the_policy():
     assert "recompute_granularity" not in te
 
 
+def test_cuda_graphs_capture_what_megatron_accepts_for_each_layer_kind():
+    """precision.cuda_graphs: a dense layer whole, an MoE layer's attention, router and dispatch
+    preprocessing (dropless experts change shape), through TE's implementation and its RNG tracker;
+    Megatron's own checks (what each kind of layer and the dispatcher allow in a graph) accept them.
+    Off without TE, as FP8 is."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    for overrides, graphed in ((MOE, ["attn", "moe_router", "moe_preprocess"]), ([], ["attn", "mlp"])):
+        te = _fields(overrides + ["precision.cuda_graphs=true"], GPU_TE)
+        assert (te["cuda_graph_impl"], te["cuda_graph_modules"], te["use_te_rng_tracker"]) == \
+            ("transformer_engine", graphed, True)
+        # The fusions and FP8 are left out: their checks need Transformer Engine installed.
+        checked = TransformerConfig(**{**te, "apply_rope_fusion": False, "moe_permute_fusion": False,
+                                       "moe_router_fusion": False})
+        assert [m.name for m in checked.cuda_graph_modules] == graphed
+        for hw in (CPU, GPU_ONLY):
+            assert "cuda_graph_impl" not in _fields(overrides + ["precision.cuda_graphs=true"], hw)
+    assert "cuda_graph_impl" not in _fields(MOE, GPU_TE)
+
+
 def test_bridges_for_a_gpu_without_transformer_engine():
     # In a process of its own: the bridges change Megatron's modules for the rest of a process.
     script = textwrap.dedent("""

@@ -147,6 +147,8 @@ def test_gpu_check_report_holds_the_mfu_rows_and_start_up_a_gpu_run_writes(tmp_p
     table = {"device": "NVIDIA H100 80GB HBM3", "bf16_peak_tflops": 989.0}
     (tmp_path / "mfu.json").write_text(json.dumps({**table, "rows": [old, failed]}))
     (tmp_path / "micro-batch-1.json").write_text(json.dumps({**table, "rows": [new]}))
+    graphed = {**new, "precision": "bf16, CUDA graphs", "micro_batch": 4, "expert_rows": 3277, "tokens_per_s": 52000}
+    (tmp_path / "cuda-graphs.json").write_text(json.dumps({**table, "rows": [graphed]}))
     (tmp_path / "tests.log").write_text(
         "tests/test_gpu.py::test_bf16_trains_like_fp32_on_cpu[dense] FAILED       [100%]\n"
         "FAILED tests/test_gpu.py::test_bf16_trains_like_fp32_on_cpu[dense] - AssertionError: step 3\n"
@@ -158,6 +160,7 @@ def test_gpu_check_report_holds_the_mfu_rows_and_start_up_a_gpu_run_writes(tmp_p
     assert "| moe3b | 31/32 | fp8 | 1 | 819 | failed | | | | | 70.10 | |" in report
     assert "| moe3b | 13/32 | bf16 | 1 | 819 | 41,000 | 266.7 | 27.0% | 31 | 66.10 | 70.50 | 0.94 |" in report
     assert "- moe3b bf16, micro-batch 1: imports and checks 10, model and init 21, data 0" in report
+    assert "| moe3b | 13/32 | bf16, CUDA graphs | 4 | 3277 | 52,000 |" in report
     tests = report.split("## Tests")[1].split("##")[0]
     assert [line.split()[1] for line in tests.strip().splitlines()] == ["FAILED", "PASSED"]
 

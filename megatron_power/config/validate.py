@@ -143,6 +143,9 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
          f"precision.fp8_recipe '{pr.fp8_recipe}' is unknown; expected tensorwise, delayed, blockwise or mxfp8")
     need(pr.recompute in ("none", "selective", "full"),
          f"precision.recompute '{pr.recompute}' is unknown; expected none, selective or full")
+    need(not (pr.cuda_graphs and pr.recompute == "full"),
+         "precision.cuda_graphs=true cannot replay a fully recomputed layer; expected precision.recompute "
+         "none or selective with it")
     errors += schedule.validate(c.schedule, t.tokens)
     if check_paths:
         errors += _validate_data(c.data, m.vocab_size)

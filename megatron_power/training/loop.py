@@ -20,6 +20,7 @@ from megatron_power.ops import plan
 from megatron_power.training import checkpoint, hardware, merge, run_lock, runtime
 from megatron_power.training.batch_schedule import NOISE_SCALE, change_line, grown_batch, scheduled_batch, steps_left
 from megatron_power.training.continued_dataset import reordered, samples_read
+from megatron_power.training.cuda_graphs import LayerGraphs, graphed_modules
 from megatron_power.training.data import TokenizerInfo, build_datasets, micro_batches
 from megatron_power.training.metrics import MetricsLogger, StartupClock
 from megatron_power.training.model import build_model, model_differences
@@ -170,6 +171,7 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     m = config.model
     expert_load = ExpertLoad(gpt_model, m.num_layers, m.num_experts, rt.device) if m.num_experts else None
     optimizer = build_optimizer(config, model)
+    graphs = LayerGraphs(config, model, optimizer, rt.dp) if graphed_modules(config, rt.hardware) else None
     clock.lap("DDP and optimizer")
     t = config.train
     seq = config.model.seq_length
@@ -216,6 +218,9 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
         if t.noise_scale_interval and (state.step + 1) % t.noise_scale_interval == 0:
             probe = FirstMicrobatchProbe(model, t.micro_batch_size, batch, len(batches), config.parallel.ep, rt.device)
         result = train_step(config, model, optimizer, batches, rt, stop.requested, probe)
+        if graphs and graphs.after_step(batch):
+            log.info(f"CUDA graphs of each layer's {', '.join(graphed_modules(config, rt.hardware))} captured "
+                     f"after step {state.step + 1}; later training steps replay them")
 
         state.step += 1
         state.consumed_samples += batch
@@ -267,6 +272,8 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
         if rt.rank == 0:
             (config.run_dir / FINISHED).write_text(json.dumps({"step": state.step, "tokens": state.consumed_tokens}))
     profiler.close()
+    if graphs:
+        graphs.close()
     saved_at = checkpoint.latest(ckpt_dir) if config.checkpoint.save else None
     log.info(f"run folder {config.run_dir}; " + (f"last checkpoint {saved_at}" if saved_at else "no checkpoint"))
     log.close()

@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_power.config.schema import Config
-from megatron_power.training import hardware, mup
+from megatron_power.training import cuda_graphs, hardware, mup
 from megatron_power.training.hardware import Hardware
 from megatron_power.training.norm import RMSNorm
 
@@ -88,6 +88,11 @@ def precision_fields(config, hw: Hardware) -> dict:
     # FP8 needs Transformer Engine's layers; elsewhere the recipe runs in bf16 / fp32.
     if pr.fp8 and hw.transformer_engine:
         fields.update(fp8=pr.fp8, fp8_recipe=pr.fp8_recipe, first_last_layers_bf16=pr.fp8_bf16_first_last)
+    graphed = cuda_graphs.graphed_modules(config, hw)
+    if graphed:
+        # TE's RNG tracker is the one whose states a graph can capture.
+        fields.update(cuda_graph_impl="transformer_engine", cuda_graph_modules=graphed,
+                      cuda_graph_warmup_steps=cuda_graphs.WARMUP_STEPS, use_te_rng_tracker=True)
     return fields
 
 

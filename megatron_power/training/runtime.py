@@ -67,7 +67,9 @@ def initialize(config, hw: Hardware = None, alone: bool = False) -> Runtime:
     )
     seed = config.train.seed
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    from megatron_power.training.cuda_graphs import graphed_modules
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, te_rng_tracker=bool(graphed_modules(config, hw)))
     return Runtime(
         rank=rank,
         world_size=world_size,

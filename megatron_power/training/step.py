@@ -14,6 +14,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_power.config.schema import Config
+from megatron_power.training import cuda_graphs
 from megatron_power.training.data import micro_batches
 from megatron_power.training.optim import step_unless_nonfinite
 from megatron_power.training.runtime import Runtime
@@ -36,7 +37,8 @@ def forward_step(data_iterator, model):
     device = next(model.parameters()).device
     if device.type == "cuda":  # from pinned memory the copies queue behind the GPU's work, not hold up the host
         batch = {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
-    per_token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    per_token_loss = model(batch["tokens"], batch["position_ids"], cuda_graphs.attention_mask(model, batch["tokens"]),
+                           labels=batch["labels"])
     return per_token_loss, partial(_masked_mean, batch["loss_mask"])
 
 
