@@ -32,20 +32,21 @@ def graphed_modules(config, hw) -> list:
 
 
 class LayerGraphs:
-    """Captures the graphs after WARMUP_STEPS steps of this process, and frees them at the end."""
+    """Captures the graphs before this process's step WARMUP_STEPS + 1, and frees them at the end."""
 
     def __init__(self, config, model, optimizer, dp: int):
         from megatron.core.transformer.cuda_graphs import TECudaGraphHelper
 
-        self.config, self.dp, self.eager_steps = config, dp, 0
+        self.config, self.dp, self.steps_run = config, dp, 0
         self.helper = TECudaGraphHelper(model=[model], config=model.config, seq_length=config.model.seq_length,
                                         micro_batch_size=config.train.micro_batch_size,
                                         optimizers=[optimizer])
 
-    def after_step(self, global_batch_size: int) -> bool:
-        """Whether the graphs were captured now."""
-        self.eager_steps += 1
-        if self.eager_steps != WARMUP_STEPS:
+    def before_step(self, global_batch_size: int) -> bool:
+        """Whether the graphs were captured now. The capture's own forward and backward passes (on
+        sample inputs) reach Megatron's router statistics, which it then clears, and ours."""
+        self.steps_run += 1
+        if self.steps_run != WARMUP_STEPS + 1:
             return False
         from megatron.core import num_microbatches_calculator as calculator
 

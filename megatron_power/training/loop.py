@@ -211,6 +211,12 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
 
     # The budget is in tokens, so a run resumed with another batch size ends where it should.
     while state.consumed_tokens + batch * seq <= t.tokens:
+        if graphs and graphs.before_step(batch):
+            log.info(f"CUDA graphs of each layer's {', '.join(graphed_modules(config, rt.hardware))} captured "
+                     f"before step {state.step + 1}; training steps from there replay them")
+            if expert_load is not None:
+                expert_load.counts.zero_()
+                routed_microbatches = 0
         profiler.at(state.step + 1)
         lr = scheduler.step(state.consumed_tokens, batch * seq)
         batches = micro_batches(train_data, state.consumed_samples, batch, t.micro_batch_size, rt.dp, rt.dp_rank)
@@ -218,9 +224,6 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
         if t.noise_scale_interval and (state.step + 1) % t.noise_scale_interval == 0:
             probe = FirstMicrobatchProbe(model, t.micro_batch_size, batch, len(batches), config.parallel.ep, rt.device)
         result = train_step(config, model, optimizer, batches, rt, stop.requested, probe)
-        if graphs and graphs.after_step(batch):
-            log.info(f"CUDA graphs of each layer's {', '.join(graphed_modules(config, rt.hardware))} captured "
-                     f"after step {state.step + 1}; later training steps replay them")
 
         state.step += 1
         state.consumed_samples += batch
