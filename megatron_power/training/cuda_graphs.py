@@ -37,7 +37,7 @@ class LayerGraphs:
     def __init__(self, config, model, optimizer, dp: int):
         from megatron.core.transformer.cuda_graphs import TECudaGraphHelper
 
-        self.config, self.dp, self.steps_run = config, dp, 0
+        self.config, self.dp, self.steps_started = config, dp, 0
         self.helper = TECudaGraphHelper(model=[model], config=model.config, seq_length=config.model.seq_length,
                                         micro_batch_size=config.train.micro_batch_size,
                                         optimizers=[optimizer])
@@ -45,8 +45,8 @@ class LayerGraphs:
     def before_step(self, global_batch_size: int) -> bool:
         """Whether the graphs were captured now. The capture's own forward and backward passes (on
         sample inputs) reach Megatron's router statistics, which it then clears, and ours."""
-        self.steps_run += 1
-        if self.steps_run != WARMUP_STEPS + 1:
+        self.steps_started += 1
+        if self.steps_started != WARMUP_STEPS + 1:
             return False
         from megatron.core import num_microbatches_calculator as calculator
 
