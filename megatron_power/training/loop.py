@@ -215,7 +215,7 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
             log.info(f"CUDA graphs of each layer's {', '.join(graphed_modules(config, rt.hardware))} captured "
                      f"before step {state.step + 1}; training steps from there replay them")
             if expert_load is not None:
-                expert_load.counts.zero_()
+                expert_load.restart()
                 routed_microbatches = 0
         profiler.at(state.step + 1)
         lr = scheduler.step(state.consumed_tokens, batch * seq)

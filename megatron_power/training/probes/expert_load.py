@@ -40,4 +40,8 @@ class ExpertLoad:
                 writer.add_scalar(f"moe/tokens_routed/layer_{i}", float(tokens.sum()), step)
                 writer.add_scalar(f"moe/max_load/layer_{i}", float(relative.max()), step)
                 writer.add_histogram(f"moe/expert_load/layer_{i}", relative, step)
+        self.restart()
+
+    def restart(self) -> None:
+        """Count from zero again (after a report, or after passes that routed no real tokens)."""
         self.counts.zero_()
