@@ -57,7 +57,7 @@ def accumulate_wgrads_in_te_gemms(model) -> None:
     Megatron's flag cannot be set without Apex: its own output layer then requires Apex's wgrad
     kernel, which TE's layers do not need. Without the fusion each weight gradient of each
     micro-batch is written in bf16 and added to its buffer by a kernel of its own (the H200's
-    profile: 7% of dense3b's step; 10,888 kernels per moe3b step, two per expert weight). TE reads
+    profile: 7% of dense3b's step; 10,888 kernels per moe3b step). TE reads
     the attribute at each forward and tells DDP through `grad_added_to_main_grad`, so the output
     layer and the embedding keep DDP's own accumulation.
     """
