@@ -121,8 +121,8 @@ test: setup-dev
 bench: setup-dev
 	$(BIN)/python bench/train_throughput.py $(ARGS)
 
-# On a GPU machine: the GPU tests, the MFU benchmark (dense3b and moe3b, bf16 and FP8) and the GPU
-# coordinate check, in one report folder (runs/gpu-check/report.md). Transformer Engine comes from
+# On a GPU machine: the GPU tests, the MFU benchmark (dense3b and moe3b, bf16 and FP8; eager and with
+# CUDA graphs) and its profile, in one report folder (runs/gpu-check/report.md). Transformer Engine comes from
 # the container, or: $(BIN)/pip install --no-build-isolation -e ".[gpu]"
 gpu-check: setup-dev
 	$(BIN)/python bench/gpu_check.py $(ARGS)

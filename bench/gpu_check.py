@@ -5,8 +5,9 @@ On a GPU machine with the packages installed it runs, in order:
    policy hardware.py decided);
 2. the GPU tests (tests/test_gpu.py: bf16 and FP8 against fp32 on the CPU, TE layers against local
    ones, grouped-GEMM experts, checkpoints across GPU and CPU and to Hugging Face, coordinate check),
-   each in a pytest process of its own under `--test-timeout`, so that a check cut short still
-   has the failure text of every test that ended;
+   each in a pytest process of its own under `--test-timeout`, `--test-jobs` of them side by side
+   (their models are small; most of their time is the imports of the processes they start), so
+   that a check cut short still has the failure text of every test that ended;
 3. the MFU benchmark (bench/gpu_mfu.py: dense3b and moe3b, bf16 and FP8, depth cut to fit, at the
    recipes' micro-batch), with peak memory against the planner's estimate and each run's start-up;
    part `micro-batch-1` (not run unless named): the same at one sequence per micro-batch, the
@@ -16,13 +17,14 @@ On a GPU machine with the packages installed it runs, in order:
    launches and host synchronisations per step with the Python lines that make them;
 5. part `gemms` (bench/fp8_gemms.py): each GEMM of one layer of both recipes in bf16 and FP8, its
    time on the device and the host's time to issue it;
-6. the coordinate check on the GPU path, as a plot;
+6. part `coordcheck` (not run unless named: the GPU tests hold the same run to its bound): the
+   coordinate check on the GPU path, as a plot;
 7. part `cuda-graphs`: the MFU benchmark again with each layer's static part replayed from CUDA
    graphs (precision.cuda_graphs), its timed steps after the capture, beside the eager rows.
 
     python bench/gpu_check.py [--out runs/gpu-check] [--steps 8] [--warmup 3] [--accumulation 4]
                               [--parts tests mfu profile gemms coordcheck cuda-graphs
-                                       micro-batch-1]
+                                       micro-batch-1] [--test-jobs 4]
 
 Each part's full output is kept beside report.md, which is rewritten after each part; a part that
 fails is reported and the rest run.
@@ -39,7 +41,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,41 +54,62 @@ from gpu_mfu import markdown_table  # noqa: E402
 from megatron_power.training import cuda_graphs, hardware  # noqa: E402
 
 PARTS = ("tests", "mfu", "profile", "gemms", "coordcheck", "cuda-graphs", "micro-batch-1")
-DEFAULT_PARTS = PARTS[:-1]
+DEFAULT_PARTS = ("tests", "mfu", "profile", "gemms", "cuda-graphs")
 GPU_TESTS = "tests/test_gpu.py"
 
 
-def run(name: str, cmd: list, out: Path, limit: float = None) -> dict:
-    """Run one part (a command, or a list of them run one after the other, each within `limit`
-    seconds), its output to OUT/NAME.log; how it went and how long it took."""
+def run(name: str, cmd: list, out: Path, limit: float = None, jobs: int = 1) -> dict:
+    """Run one part: a command, or a list of them `jobs` at a time, each within `limit` seconds;
+    how it went and how long it took. A single command's output goes to OUT/NAME.log as it comes;
+    a list's to OUT/NAME/<k>.log each, and OUT/NAME.log holds those of the commands that have ended,
+    in the list's order, rewritten as each ends (so that a check cut short keeps them)."""
     start = time.time()
-    code = 0
-    with open(out / f"{name}.log", "w") as log:
-        for one in cmd if isinstance(cmd[0], list) else [cmd]:
-            log.flush()
-            # A session of its own, so that a command over its limit goes with the training
-            # processes it started (they hold the GPU).
-            process = subprocess.Popen(one, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                code = process.wait(timeout=limit) or code
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                log.write(f"\n{one[-1]} TIMEOUT after {limit:.0f} s\n")
-                code = 124
+    commands = cmd if isinstance(cmd[0], list) else [cmd]
+    if len(commands) == 1:
+        logs = [out / f"{name}.log"]
+    else:
+        (out / name).mkdir(exist_ok=True)
+        logs = [out / name / f"{k}.log" for k in range(len(commands))]
+    codes = [None] * len(commands)
+    with ThreadPoolExecutor(jobs) as pool:
+        running = {pool.submit(run_command, one, log, limit): k for k, (one, log) in enumerate(zip(commands, logs))}
+        for done in as_completed(running):
+            codes[running[done]] = done.result()
+            if len(commands) > 1:
+                ended = [log.read_text() for log, code in zip(logs, codes) if code is not None]
+                (out / f"{name}.log").write_text("".join(ended))
+    code = next((c for c in codes if c), 0)
     seconds = time.time() - start
     print(f"{name}: {'ok' if code == 0 else f'FAILED ({code})'} in {seconds:.0f} s -> {out / (name + '.log')}",
           flush=True)
     return {"part": name, "exit_code": code, "seconds": round(seconds, 1)}
 
 
-def gpu_test_commands() -> list:
+def run_command(cmd: list, log_path: Path, limit: float = None) -> int:
+    """`cmd`'s exit code (124 when stopped after `limit` seconds), its output in LOG_PATH."""
+    with open(log_path, "w") as log:
+        # A session of its own, so that a command over its limit goes with the training processes
+        # it started (they hold the GPU).
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return process.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            log.write(f"\n{cmd[-1]} TIMEOUT after {limit:.0f} s\n")
+            return 124
+
+
+def gpu_test_commands(scratch: Path) -> list:
     """One pytest command per GPU test, without xdist (its workers lost the GPU on the first lent
-    machine)."""
-    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", GPU_TESTS],
-                            cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
-    return [[sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-v", "-rA", test]
-            for test in listed if test.startswith(GPU_TESTS + "::")]
+    machine), each with its own temporary folder under SCRATCH so that they can run side by side."""
+    collect = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", GPU_TESTS]
+    listed = subprocess.run(collect, cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+    tests = [test for test in listed if test.startswith(GPU_TESTS + "::")]
+    if not tests:  # the collection again, so that the part fails with pytest's reason in its log
+        return [collect]
+    return [[sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-v", "-rA",
+             "--basetemp", str(scratch / str(k)), test] for k, test in enumerate(tests)]
 
 
 def versions() -> dict:
@@ -112,6 +137,7 @@ def main():
     p.add_argument("--accumulation", type=int, default=4)
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(DEFAULT_PARTS))
     p.add_argument("--test-timeout", type=int, default=150, help="seconds for each GPU test")
+    p.add_argument("--test-jobs", type=int, default=4, help="GPU tests run side by side (their models are small)")
     args = p.parse_args()
     hw = hardware.detect()
     if not hw.cuda:
@@ -131,8 +157,9 @@ def main():
     graphs_warmup = max(args.warmup, cuda_graphs.WARMUP_STEPS + 1)
     mfu = [sys.executable, "bench/gpu_mfu.py", "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--accumulation", str(args.accumulation)]
+    scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     commands = {
-        "tests": gpu_test_commands(),
+        "tests": gpu_test_commands(scratch) if "tests" in args.parts else [],
         "mfu": mfu + ["--json", str(out / "mfu.json")]
         + (["--profile", str(out / "profile"), "--profiled-steps", "1"] if "profile" in args.parts else []),
         "gemms": [sys.executable, "bench/fp8_gemms.py", "--repeats", "20"],
@@ -147,10 +174,14 @@ def main():
     }
     # The profile comes from the MFU runs (after their timed steps): one run per recipe and precision.
     names = [name for name in commands if name in args.parts or (name == "mfu" and "profile" in args.parts)]
+    # The default data, built once before tests that would each build it side by side.
+    subprocess.run([sys.executable, "-m", "megatron_power.cli", "data"], cwd=ROOT, check=True)
     parts = []
     for name in names:  # the report after each part, so that a check cut short keeps what it found
-        parts.append(run(name, commands[name], out, args.test_timeout if name == "tests" else None))
+        limit, jobs = (args.test_timeout, args.test_jobs) if name == "tests" else (None, 1)
+        parts.append(run(name, commands[name], out, limit, jobs))
         write_report(out, machine, parts, time.time() - start)
+    shutil.rmtree(scratch, ignore_errors=True)
     sys.exit(0 if all(part["exit_code"] == 0 for part in parts) else 1)
 
 

@@ -199,3 +199,28 @@ def test_gpu_check_stops_a_test_over_its_limit_with_the_processes_it_started(tmp
     tests = (tmp_path / "report.md").read_text().split("## Tests")[1].split("##")[0].split()
     assert tests == ["tests/test_gpu.py::test_quick", "PASSED", "[", "50%]", "tests/test_gpu.py::test_hangs", "TIMEOUT",
                      "after", "5", "s"]
+
+
+def test_gpu_check_runs_gpu_tests_side_by_side_and_keeps_their_order(tmp_path, monkeypatch):
+    """`--test-jobs` GPU tests at a time: two that each wait for the other to have started pass only
+    when run together (one after the other, the first would reach its limit); the log lists them in
+    the order given, not the order they ended."""
+    import sys
+
+    from helpers import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_check
+
+    def meets(me: str, other: str, then_sleeps: float) -> list:
+        waits = (f"import pathlib, time; d = pathlib.Path({str(tmp_path)!r}); (d / {me!r}).touch(); "
+                 f"[time.sleep(0.1) for _ in range(300) if not (d / {other!r}).exists()]; "
+                 f"assert (d / {other!r}).exists(); time.sleep({then_sleeps}); "
+                 f"print('tests/test_gpu.py::test_{me} PASSED')")
+        return [sys.executable, "-c", waits]
+
+    part = gpu_check.run("tests", [meets("first", "second", 2), meets("second", "first", 0)], tmp_path, limit=20,
+                         jobs=2)
+    assert part["exit_code"] == 0
+    log = (tmp_path / "tests.log").read_text().split()
+    assert log == ["tests/test_gpu.py::test_first", "PASSED", "tests/test_gpu.py::test_second", "PASSED"]
