@@ -10,6 +10,8 @@ On a GPU machine with the packages installed it runs, in order:
    that a check cut short still has the failure text of every test that ended;
 3. the MFU benchmark (bench/gpu_mfu.py: dense3b and moe3b, bf16 and FP8, depth cut to fit, at the
    recipes' micro-batch), with peak memory against the planner's estimate and each run's start-up;
+   with part `cuda-graphs`, each run then times as many steps again with each layer's static part
+   replayed from CUDA graphs (precision.cuda_graphs), a second row beside the eager one;
    part `micro-batch-1` (not run unless named): the same at one sequence per micro-batch, the
    baseline the recipes' micro-batch was chosen against;
 4. the profile (part `profile`, in the same runs, after their timed steps): per recipe and
@@ -18,9 +20,7 @@ On a GPU machine with the packages installed it runs, in order:
 5. part `gemms` (bench/fp8_gemms.py): each GEMM of one layer of both recipes in bf16 and FP8, its
    time on the device and the host's time to issue it;
 6. part `coordcheck` (not run unless named: the GPU tests hold the same run to its bound): the
-   coordinate check on the GPU path, as a plot;
-7. part `cuda-graphs`: the MFU benchmark again with each layer's static part replayed from CUDA
-   graphs (precision.cuda_graphs), its timed steps after the capture, beside the eager rows.
+   coordinate check on the GPU path, as a plot.
 
     python bench/gpu_check.py [--out runs/gpu-check] [--steps 8] [--warmup 3] [--accumulation 4]
                               [--parts tests mfu profile gemms coordcheck cuda-graphs
@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from gpu_mfu import markdown_table  # noqa: E402
 
-from megatron_power.training import cuda_graphs, hardware  # noqa: E402
+from megatron_power.training import hardware  # noqa: E402
 
 PARTS = ("tests", "mfu", "profile", "gemms", "coordcheck", "cuda-graphs", "micro-batch-1")
 DEFAULT_PARTS = ("tests", "mfu", "profile", "gemms", "cuda-graphs")
@@ -154,26 +154,24 @@ def main():
     (out / "machine.json").write_text(json.dumps(machine, indent=1))
     print(json.dumps(machine, indent=1), flush=True)
 
-    graphs_warmup = max(args.warmup, cuda_graphs.WARMUP_STEPS + 1)
     mfu = [sys.executable, "bench/gpu_mfu.py", "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--accumulation", str(args.accumulation)]
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     commands = {
         "tests": gpu_test_commands(scratch) if "tests" in args.parts else [],
         "mfu": mfu + ["--json", str(out / "mfu.json")]
-        + (["--profile", str(out / "profile"), "--profiled-steps", "1"] if "profile" in args.parts else []),
+        + (["--profile", str(out / "profile"), "--profiled-steps", "1"] if "profile" in args.parts else [])
+        + (["--cuda-graphs"] if "cuda-graphs" in args.parts else []),
         "gemms": [sys.executable, "bench/fp8_gemms.py", "--repeats", "20"],
         "coordcheck": [sys.executable, "-m", "megatron_power.cli", "coordcheck", "proxy", "--widths",
                        "128,256,512,1024", "--steps", "7", "--out", str(out / "coordcheck"),
                        "model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
                        "train.micro_batch_size=8", "schedule.lr_max=0.02", f"out_dir={out}"],
-        # The timed steps start after the capture (argparse takes an option's last value).
-        "cuda-graphs": mfu + ["--cuda-graphs", "--warmup", str(graphs_warmup), "--steps",
-                              str(args.steps + graphs_warmup - args.warmup), "--json", str(out / "cuda-graphs.json")],
         "micro-batch-1": mfu + ["--micro-batch-size", "1", "--json", str(out / "micro-batch-1.json")],
     }
-    # The profile comes from the MFU runs (after their timed steps): one run per recipe and precision.
-    names = [name for name in commands if name in args.parts or (name == "mfu" and "profile" in args.parts)]
+    # The profile and the graphed rows come from the MFU runs: one run per recipe and precision.
+    names = [name for name in commands
+             if name in args.parts or (name == "mfu" and {"profile", "cuda-graphs"} & set(args.parts))]
     # The default data, built once before tests that would each build it side by side.
     subprocess.run([sys.executable, "-m", "megatron_power.cli", "data"], cwd=ROOT, check=True)
     parts = []
@@ -194,7 +192,7 @@ def write_report(out: Path, machine: dict, parts: list, seconds: float) -> None:
     summary = [line for line in tests_log.splitlines() if line.startswith(GPU_TESTS + "::")
                and any(word in line for word in (" PASSED", " FAILED", " SKIPPED", " ERROR", " TIMEOUT"))]
     lines += ["", "## Tests", ""] + [f"    {line}" for line in summary]
-    tables = [json.loads((out / name).read_text()) for name in ("mfu.json", "cuda-graphs.json", "micro-batch-1.json")
+    tables = [json.loads((out / name).read_text()) for name in ("mfu.json", "micro-batch-1.json")
               if (out / name).is_file()]
     if tables:
         rows = [row for table in tables for row in table["rows"]]

@@ -21,8 +21,11 @@ set beside the planner's estimate for the same layout.
 With --profile DIR each run goes on past its timed steps: --profiled-steps profiled steps, one whose
 host synchronisations are counted, and a last one, which also evaluates (profile.start_step,
 training/probes/profile.py); each run's summary is copied to DIR/<recipe>-<precision>.md and .json.
-With --cuda-graphs each layer's static part replays from CUDA graphs (precision.cuda_graphs,
-training/cuda_graphs.py), captured after the first eager steps; --warmup must pass them.
+With --cuda-graphs each run goes on past its eager timed steps: each layer's static part is
+captured in CUDA graphs (precision.cuda_graphs, training/cuda_graphs.py) before the next step, which
+is not timed, and the same number of steps after it are timed again, as a second row ("bf16, CUDA
+graphs") measured in the same process, so that a run's start-up is paid once for both; a profile
+then comes from graphed steps.
 
 Reference: Megatron-Core's published 41% MFU for a 1.7B model in bf16 on H100.
 
@@ -48,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from megatron_power.config import load_config  # noqa: E402
 from megatron_power.ops import plan  # noqa: E402
-from megatron_power.training import cuda_graphs, hardware  # noqa: E402
+from megatron_power.training import hardware  # noqa: E402
 
 ONE_GPU = ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.sequence_parallel=false"]
 PRECISION = {"bf16": ["precision.fp8=null"], "fp8": []}  # the 3B recipes name their FP8 setting
@@ -75,10 +78,11 @@ def fitting_depth(recipe: str, overrides: list, capacity_gib: float) -> int:
     sys.exit(f"{recipe}: not even one layer fits in {capacity_gib:.0f} GiB by the planner")
 
 
-def measure(recipe: str, overrides: list, steps: int, warmup: int, profile_to: Path = None):
-    """Tokens/s of `megatron-power train` over its steps after the warm-up, its peak GPU memory
-    (GiB) and its start-up (seconds by part); None when the run fails (its output above says why).
-    `profile_to`: a path stem the run's profile summary is copied to (.md, .json)."""
+def measure(recipe: str, overrides: list, windows: list, profile_to: Path = None):
+    """For each window (first step, last step) of a `megatron-power train` run, its tokens/s and the
+    peak GPU memory (GiB) up to its last step; and the run's start-up (seconds by part). None when
+    the run fails (its output above says why). `profile_to`: a path stem the run's profile summary
+    is copied to (.md, .json)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "megatron_power.cli", "train", recipe, f"out_dir={out}", "name=bench", *overrides]
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
@@ -89,10 +93,13 @@ def measure(recipe: str, overrides: list, steps: int, warmup: int, profile_to: P
             for suffix in (".md", ".json"):
                 shutil.copy(run / "profile" / f"rank0{suffix}", profile_to.with_suffix(suffix))
     startup = next(r["startup_s"] for r in rows if "startup_s" in r)
-    rows = [r for r in rows if "loss" in r][:steps]
-    start, end = rows[warmup - 1], rows[-1]
-    return ((end["tokens"] - start["tokens"]) / (end["time"] - start["time"]), max(r["max_memory_gib"] for r in rows),
-            startup)
+    steps = [r for r in rows if "loss" in r]
+    measured = []
+    for first, last in windows:  # timed from the end of the step before the first
+        start, end = steps[first - 2], steps[last - 1]
+        measured.append(((end["tokens"] - start["tokens"]) / (end["time"] - start["time"]),
+                         max(r["max_memory_gib"] for r in steps[:last])))
+    return measured, startup
 
 
 def markdown_table(table: dict) -> list:
@@ -132,25 +139,26 @@ def main():
     p.add_argument("--profile", type=Path, help="profile each run after its timed steps; summaries to this folder")
     p.add_argument("--profiled-steps", type=int, default=2, help="steps inside the profiler (their export grows with each)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay each layer's static part from CUDA graphs (precision.cuda_graphs=true)")
+                   help="then time as many steps again with each layer's static part replayed from CUDA graphs")
     args = p.parse_args()
     hw = hardware.detect()
     if not hw.cuda:
         sys.exit("bench/gpu_mfu.py measures GPU throughput and needs a CUDA GPU; none was found")
     if args.warmup >= args.steps:
         sys.exit(f"--warmup ({args.warmup}) must be less than --steps ({args.steps})")
-    if args.cuda_graphs and args.warmup <= cuda_graphs.WARMUP_STEPS:
-        sys.exit(f"--warmup ({args.warmup}) must be more than the {cuda_graphs.WARMUP_STEPS} eager steps after which "
-                 f"the CUDA graphs are captured, so that the capture is not timed")
     subprocess.run([sys.executable, "-m", "megatron_power.cli", "data"], cwd=ROOT, check=True)
     peak = bf16_peak(hw.gpu_name, args.peak_tflops)
     capacity = hw.gpu_memory_gib
-    run_steps = args.steps
+    windows = [(args.warmup + 1, args.steps)]
+    if args.cuda_graphs:  # captured before step steps + 1, timed from the step after it
+        timed = args.steps - args.warmup
+        windows.append((args.steps + 2, args.steps + 1 + timed))
+    run_steps = windows[-1][1]
     profiling = []
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
+        profiling = [f"profile.start_step={run_steps + 1}", f"profile.steps={args.profiled_steps}"]
         run_steps += args.profiled_steps + 2  # the counted step, and a last one (it also evaluates) after it
-        profiling = [f"profile.start_step={args.steps + 1}", f"profile.steps={args.profiled_steps}"]
     rows = []
     table = {"device": hw.gpu_name, "bf16_peak_tflops": peak / 1e12, "rows": rows}
     for recipe in args.recipes:
@@ -161,7 +169,7 @@ def main():
                             f"train.tokens={run_steps * batch * base.model.seq_length}",
                             "train.eval_interval=1000000", "train.eval_batches=1", "checkpoint.save=false"]
         if args.cuda_graphs:
-            common.append("precision.cuda_graphs=true")
+            common += ["precision.cuda_graphs=true", f"precision.cuda_graph_warmup_steps={args.steps}"]
         # One depth for both precisions, the one that fits in FP8 (its weight copies take more),
         # so that their tokens/s compare.
         depth = args.layers or min(fitting_depth(recipe, common + PRECISION[precision], capacity)
@@ -176,21 +184,22 @@ def main():
             flops = plan.flops_per_token(config, counts)
             planned = plan.memory_per_gpu(config, counts, 1).total / plan.GIB
             m = config.model
-            label = f"{precision}, CUDA graphs" if args.cuda_graphs else precision
-            row = {"recipe": recipe, "layers": f"{depth}/{m.num_layers}", "precision": label,
-                   "micro_batch": micro_batch, "planned_gib": round(planned, 2)}
+            head = {"recipe": recipe, "layers": f"{depth}/{m.num_layers}", "micro_batch": micro_batch,
+                    "planned_gib": round(planned, 2)}
             if m.num_experts:
-                row["expert_rows"] = round(micro_batch * m.seq_length * m.moe_topk / m.num_experts)
-            measured = measure(recipe, common + PRECISION[precision] + profiling, args.steps, args.warmup,
+                head["expert_rows"] = round(micro_batch * m.seq_length * m.moe_topk / m.num_experts)
+            labels = [precision, f"{precision}, CUDA graphs"][:len(windows)]
+            measured = measure(recipe, common + PRECISION[precision] + profiling, windows,
                                args.profile / f"{recipe}-{precision}" if args.profile else None)
             if measured is None:
-                row["failed"] = True
+                rows += [{**head, "precision": label, "failed": True} for label in labels]
             else:
-                tokens_per_s, peak_gib, startup = measured
-                row.update(tokens_per_s=round(tokens_per_s), tflops=round(tokens_per_s * flops / 1e12, 1),
-                           mfu=round(tokens_per_s * flops / peak, 3), peak_gib=peak_gib,
-                           peak_vs_plan=round(peak_gib / planned, 3), startup_s=startup)
-            rows.append(row)
+                rates, startup = measured
+                for (tokens_per_s, peak_gib), label in zip(rates, labels):
+                    rows.append({**head, "precision": label, "tokens_per_s": round(tokens_per_s),
+                                 "tflops": round(tokens_per_s * flops / 1e12, 1),
+                                 "mfu": round(tokens_per_s * flops / peak, 3), "peak_gib": peak_gib,
+                                 "peak_vs_plan": round(peak_gib / planned, 3), "startup_s": startup})
             if args.json:  # as each row comes, so that a later failure or a time limit keeps it
                 args.json.write_text(json.dumps(table, indent=1))
     print("\n" + "\n".join(markdown_table(table)))

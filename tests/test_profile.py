@@ -145,10 +145,9 @@ def test_gpu_check_report_holds_the_mfu_rows_and_start_up_a_gpu_run_writes(tmp_p
     failed = {"recipe": "moe3b", "layers": "31/32", "precision": "fp8", "micro_batch": 1, "expert_rows": 819,
               "planned_gib": 70.1, "failed": True}
     table = {"device": "NVIDIA H100 80GB HBM3", "bf16_peak_tflops": 989.0}
-    (tmp_path / "mfu.json").write_text(json.dumps({**table, "rows": [old, failed]}))
-    (tmp_path / "micro-batch-1.json").write_text(json.dumps({**table, "rows": [new]}))
     graphed = {**new, "precision": "bf16, CUDA graphs", "micro_batch": 4, "expert_rows": 3277, "tokens_per_s": 52000}
-    (tmp_path / "cuda-graphs.json").write_text(json.dumps({**table, "rows": [graphed]}))
+    (tmp_path / "mfu.json").write_text(json.dumps({**table, "rows": [old, failed, graphed]}))
+    (tmp_path / "micro-batch-1.json").write_text(json.dumps({**table, "rows": [new]}))
     (tmp_path / "tests.log").write_text(
         "tests/test_gpu.py::test_bf16_trains_like_fp32_on_cpu[dense] FAILED       [100%]\n"
         "FAILED tests/test_gpu.py::test_bf16_trains_like_fp32_on_cpu[dense] - AssertionError: step 3\n"

@@ -94,8 +94,10 @@ class PrecisionConfig:
     fp8_recipe: str = "tensorwise"  # tensorwise | delayed | blockwise | mxfp8
     fp8_bf16_first_last: bool = True  # keep the first and last layer in bf16
     recompute: str = "none"  # none | selective (attention scores) | full (each layer)
-    # Replay each layer's static part from Transformer Engine's CUDA graphs (training/cuda_graphs.py)
+    # Replay each layer's static part from Transformer Engine's CUDA graphs (training/cuda_graphs.py),
+    # captured after this many eager steps of each process (Megatron-LM's --cuda-graph-warmup-steps).
     cuda_graphs: bool = False
+    cuda_graph_warmup_steps: int = 3
 
 
 @dataclass

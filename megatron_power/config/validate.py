@@ -146,6 +146,14 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
     need(not (pr.cuda_graphs and pr.recompute == "full"),
          "precision.cuda_graphs=true cannot replay a fully recomputed layer; expected precision.recompute "
          "none or selective with it")
+    need(pr.cuda_graph_warmup_steps >= 1,
+         f"precision.cuda_graph_warmup_steps must be >= 1 (eager steps before the capture), got "
+         f"{pr.cuda_graph_warmup_steps}")
+    # Under a pipeline schedule each micro-batch in flight has graphs of its own, as many as the
+    # capture's step had; a batch that changes their number would replay them out of that order.
+    need(not (pr.cuda_graphs and p.pp > 1 and t.batch_schedule is not None),
+         "precision.cuda_graphs=true with parallel.pp > 1 needs a fixed batch (the graphs are captured for "
+         "one number of micro-batches); expected train.batch_schedule null, or parallel.pp 1")
     errors += schedule.validate(c.schedule, t.tokens)
     if check_paths:
         errors += _validate_data(c.data, m.vocab_size)

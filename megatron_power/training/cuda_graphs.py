@@ -5,7 +5,8 @@ layer and micro-batch, each issued from Python. A CUDA graph issues a layer's ca
 one launch. Megatron-Core captures them (`TECudaGraphHelper`, Transformer Engine's
 `make_graphed_callables`) and its layers replay them in training forwards; what is left to the loop
 is when to capture and when to free, as Megatron-LM's training loop does: after a few eager steps
-(the kernels' autotuning and the allocator settle), once, and at the end.
+(the kernels' autotuning and the allocator settle; `precision.cuda_graph_warmup_steps`), once, and
+at the end.
 
 Only parts whose shapes are the same at every step can be captured, as Megatron-Bridge scopes
 them: a dense layer whole (attention and MLP); of an MoE layer, attention, the router and the
@@ -19,9 +20,6 @@ import functools
 
 import torch
 
-# Eager steps before the capture, as Megatron-LM's --cuda-graph-warmup-steps default.
-WARMUP_STEPS = 3
-
 
 def graphed_modules(config, hw) -> list:
     """Megatron's `cuda_graph_modules` for a recipe on the machine `hw`; empty when off (the
@@ -32,7 +30,8 @@ def graphed_modules(config, hw) -> list:
 
 
 class LayerGraphs:
-    """Captures the graphs before this process's step WARMUP_STEPS + 1, and frees them at the end."""
+    """Captures the graphs after precision.cuda_graph_warmup_steps eager steps of this process, and
+    frees them at the end."""
 
     def __init__(self, config, model, optimizer, dp: int):
         from megatron.core.transformer.cuda_graphs import TECudaGraphHelper
@@ -46,7 +45,7 @@ class LayerGraphs:
         """Whether the graphs were captured now. The capture's own forward and backward passes (on
         sample inputs) reach Megatron's router statistics, which it then clears, and ours."""
         self.steps_started += 1
-        if self.steps_started != WARMUP_STEPS + 1:
+        if self.steps_started != self.config.precision.cuda_graph_warmup_steps + 1:
             return False
         from megatron.core import num_microbatches_calculator as calculator
 

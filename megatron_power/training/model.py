@@ -92,7 +92,7 @@ def precision_fields(config, hw: Hardware) -> dict:
     if graphed:
         # TE's RNG tracker is the one whose states a graph can capture.
         fields.update(cuda_graph_impl="transformer_engine", cuda_graph_modules=graphed,
-                      cuda_graph_warmup_steps=cuda_graphs.WARMUP_STEPS, use_te_rng_tracker=True)
+                      cuda_graph_warmup_steps=pr.cuda_graph_warmup_steps, use_te_rng_tracker=True)
     return fields
 
 
