@@ -24,8 +24,9 @@ training/probes/profile.py); each run's summary is copied to DIR/<recipe>-<preci
 With --cuda-graphs each run goes on past its eager timed steps: each layer's static part is
 captured in CUDA graphs (precision.cuda_graphs, training/cuda_graphs.py) before the next step, which
 is not timed, and the same number of steps after it are timed again, as a second row ("bf16, CUDA
-graphs") measured in the same process, so that a run's start-up is paid once for both; a profile
-then comes from graphed steps.
+graphs") measured in the same process, so that a run's start-up is paid once for both (a capture
+that fails, e.g. out of memory, fails its row and leaves the eager one); a profile then comes from
+graphed steps.
 
 Reference: Megatron-Core's published 41% MFU for a 1.7B model in bf16 on H100.
 
@@ -80,26 +81,29 @@ def fitting_depth(recipe: str, overrides: list, capacity_gib: float) -> int:
 
 def measure(recipe: str, overrides: list, windows: list, profile_to: Path = None):
     """For each window (first step, last step) of a `megatron-power train` run, its tokens/s and the
-    peak GPU memory (GiB) up to its last step; and the run's start-up (seconds by part). None when
-    the run fails (its output above says why). `profile_to`: a path stem the run's profile summary
-    is copied to (.md, .json)."""
+    peak GPU memory (GiB) up to its last step, or None where the run ended before that step (its
+    output above says why); the run's start-up (seconds by part); whether the run ended well.
+    `profile_to`: a path stem the run's profile summary is copied to (.md, .json)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "megatron_power.cli", "train", recipe, f"out_dir={out}", "name=bench", *overrides]
-        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-            return None
+        ok = subprocess.run(cmd, cwd=ROOT).returncode == 0
         run = Path(out) / "bench"
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        if profile_to:
+        lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+        rows = [json.loads(line) for line in lines]
+        if profile_to and ok:
             for suffix in (".md", ".json"):
                 shutil.copy(run / "profile" / f"rank0{suffix}", profile_to.with_suffix(suffix))
-    startup = next(r["startup_s"] for r in rows if "startup_s" in r)
+    startup = next((r["startup_s"] for r in rows if "startup_s" in r), None)
     steps = [r for r in rows if "loss" in r]
     measured = []
     for first, last in windows:  # timed from the end of the step before the first
+        if len(steps) < last:  # e.g. the eager steps measured, then the capture ran out of memory
+            measured.append(None)
+            continue
         start, end = steps[first - 2], steps[last - 1]
         measured.append(((end["tokens"] - start["tokens"]) / (end["time"] - start["time"]),
                          max(r["max_memory_gib"] for r in steps[:last])))
-    return measured, startup
+    return measured, startup, ok
 
 
 def markdown_table(table: dict) -> list:
@@ -159,7 +163,7 @@ def main():
         args.profile.mkdir(parents=True, exist_ok=True)
         profiling = [f"profile.start_step={run_steps + 1}", f"profile.steps={args.profiled_steps}"]
         run_steps += args.profiled_steps + 2  # the counted step, and a last one (it also evaluates) after it
-    rows = []
+    rows, failed_runs = [], 0
     table = {"device": hw.gpu_name, "bf16_peak_tflops": peak / 1e12, "rows": rows}
     for recipe in args.recipes:
         base = load_config(recipe, ONE_GPU, 1, check_paths=False)
@@ -189,21 +193,22 @@ def main():
             if m.num_experts:
                 head["expert_rows"] = round(micro_batch * m.seq_length * m.moe_topk / m.num_experts)
             labels = [precision, f"{precision}, CUDA graphs"][:len(windows)]
-            measured = measure(recipe, common + PRECISION[precision] + profiling, windows,
-                               args.profile / f"{recipe}-{precision}" if args.profile else None)
-            if measured is None:
-                rows += [{**head, "precision": label, "failed": True} for label in labels]
-            else:
-                rates, startup = measured
-                for (tokens_per_s, peak_gib), label in zip(rates, labels):
-                    rows.append({**head, "precision": label, "tokens_per_s": round(tokens_per_s),
-                                 "tflops": round(tokens_per_s * flops / 1e12, 1),
-                                 "mfu": round(tokens_per_s * flops / peak, 3), "peak_gib": peak_gib,
-                                 "peak_vs_plan": round(peak_gib / planned, 3), "startup_s": startup})
+            measured, startup, ok = measure(recipe, common + PRECISION[precision] + profiling, windows,
+                                            args.profile / f"{recipe}-{precision}" if args.profile else None)
+            failed_runs += not ok
+            for window, label in zip(measured, labels):
+                if window is None:
+                    rows.append({**head, "precision": label, "failed": True})
+                    continue
+                tokens_per_s, peak_gib = window
+                rows.append({**head, "precision": label, "tokens_per_s": round(tokens_per_s),
+                             "tflops": round(tokens_per_s * flops / 1e12, 1),
+                             "mfu": round(tokens_per_s * flops / peak, 3), "peak_gib": peak_gib,
+                             "peak_vs_plan": round(peak_gib / planned, 3), "startup_s": startup})
             if args.json:  # as each row comes, so that a later failure or a time limit keeps it
                 args.json.write_text(json.dumps(table, indent=1))
     print("\n" + "\n".join(markdown_table(table)))
-    sys.exit(1 if any(r.get("failed") for r in rows) else 0)
+    sys.exit(1 if failed_runs else 0)
 
 
 if __name__ == "__main__":
