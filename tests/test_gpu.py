@@ -10,12 +10,15 @@ Tolerances, all from bf16's 8-bit mantissa (relative rounding 2^-8 = 0.4%):
 - logits of one forward pass on the same weights: mean absolute difference under 2% of the logits'
   standard deviation, and the same top token at 95% of positions or more.
 Wrong muP multipliers, a wrong layer spec or a broken router move these far more.
+
+The CPU's runs go on beside the GPU's (`beside`): most of a test's time is each process's imports.
 """
 
 import csv
 import importlib.util
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -40,6 +43,14 @@ def losses(tmp_path, name, overrides, on_gpu):
     return train
 
 
+def beside(function, *args, **kwargs):
+    """`function(*args, **kwargs)` started in a thread of its own; `.result()` waits for it."""
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(function, *args, **kwargs)
+    pool.shutdown(wait=False)
+    return future
+
+
 def assert_close(gpu, cpu, later_tolerance, first=1):
     assert gpu[first] == pytest.approx(cpu[first], abs=0.02)
     for step in range(first + 1, STEPS + 1):
@@ -62,9 +73,11 @@ def assert_same_logits(a, b):
 
 @pytest.mark.parametrize("model", [DENSE, MOE], ids=["dense", "moe"])
 def test_bf16_trains_like_fp32_on_cpu(default_data, tmp_path, model):
-    cpu = losses(tmp_path, "cpu", model, on_gpu=False)
+    cpu = beside(losses, tmp_path, "cpu", model, on_gpu=False)
+    graphed = beside(run_train, tmp_path, "graphed", model + ["precision.fp8=null", "precision.cuda_graphs=true"],
+                     env_vars=GPU_ENV)
     gpu = losses(tmp_path, "gpu", model + ["precision.fp8=null"], on_gpu=True)
-    assert_close(gpu, cpu, 0.1)
+    assert_close(gpu, cpu.result(), 0.1)
     # The first step's gradient, summed over two micro-batches by Transformer Engine's wgrad GEMMs
     # into the fp32 buffers: one micro-batch lost or counted twice moves its norm by a third or more,
     # which Adam's normalised step would hide from the losses.
@@ -72,18 +85,17 @@ def test_bf16_trains_like_fp32_on_cpu(default_data, tmp_path, model):
     assert first_grad_norm[0] == pytest.approx(first_grad_norm[1], rel=0.05)
     # From step 4 each layer's static part replays from CUDA graphs (with TE): the same kernels,
     # so the eager run's losses; a replay on stale inputs or weights would leave them far behind.
-    graphed = run_train(tmp_path, "graphed", model + ["precision.fp8=null", "precision.cuda_graphs=true"],
-                        env_vars=GPU_ENV)
+    replayed = graphed.result()
     if importlib.util.find_spec("transformer_engine"):
-        assert "captured before step 4" in graphed.stdout
+        assert "captured before step 4" in replayed.stdout
     assert_close(metrics(tmp_path / "graphed")[0], gpu, 0.05)
 
 
 @needs_te
 def test_fp8_trains_like_fp32_on_cpu(default_data, tmp_path):
-    cpu = losses(tmp_path, "cpu", DENSE, on_gpu=False)
+    cpu = beside(losses, tmp_path, "cpu", DENSE, on_gpu=False)
     gpu = losses(tmp_path, "gpu", DENSE + ["precision.fp8=hybrid", "precision.fp8_recipe=tensorwise"], on_gpu=True)
-    assert_close(gpu, cpu, 0.15)
+    assert_close(gpu, cpu.result(), 0.15)
 
 
 @needs_te
@@ -94,27 +106,28 @@ def test_transformer_engine_layers_compute_the_local_layers_function(default_dat
     # against fp32 on the CPU.
     run_train(tmp_path, "weights", model + [f"train.tokens={2 * 16 * 128}"])
     ckpt = tmp_path / "weights" / "checkpoints"
+    cpu = beside(logits, ckpt, tmp_path / "cpu.pt", on_gpu=False)
+    local = beside(logits, ckpt, tmp_path / "local.pt", on_gpu=True, local=True)
     te = logits(ckpt, tmp_path / "te.pt", on_gpu=True)
-    local = logits(ckpt, tmp_path / "local.pt", on_gpu=True, local=True)
-    cpu = logits(ckpt, tmp_path / "cpu.pt", on_gpu=False)
-    assert_same_logits(te, local)
-    assert_same_logits(te, cpu)
+    assert_same_logits(te, local.result())
+    assert_same_logits(te, cpu.result())
 
 
 def test_checkpoints_cross_between_gpu_and_cpu(default_data, tmp_path):
     # Saved on the GPU (TE's layers and their FP8 extra state where TE is installed): loads on
     # the CPU and converts to Hugging Face with logits parity.
+    cpu = beside(losses, tmp_path, "cpu", MOE, on_gpu=False)
+    stopped = beside(run_train, tmp_path, "moved", MOE + [f"train.tokens={5 * 16 * 128}"])
     run_train(tmp_path, "gpu", MOE + ["precision.fp8=hybrid", f"train.tokens={2 * 16 * 128}"], env_vars=GPU_ENV)
     done = subprocess.run(command("convert", "to-hf", str(tmp_path / "gpu" / "checkpoints"), str(tmp_path / "hf"),
                                   "--dtype", "fp32", "--verify"), cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     # Saved on the CPU (no extra state): trains on under the GPU's layers from where it stopped.
-    cpu = losses(tmp_path, "cpu", MOE, on_gpu=False)
-    run_train(tmp_path, "moved", MOE + [f"train.tokens={5 * 16 * 128}"])
+    stopped.result()
     resumed = run_train(tmp_path, "moved", MOE, env_vars=GPU_ENV)
     assert "resumed from" in resumed.stdout
     moved = metrics(tmp_path / "moved")[0]
-    assert_close(moved, cpu, 0.1, first=6)
+    assert_close(moved, cpu.result(), 0.1, first=6)
 
 
 def test_coordinate_check_is_flat_on_the_gpu(default_data, tmp_path):
