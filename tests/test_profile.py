@@ -9,6 +9,7 @@ loop puts around it.
 
 import pytest
 
+from helpers import ROOT
 from megatron_power.training.probes import host_syncs, trace_summary
 
 HOST, STREAM = {"pid": 100, "tid": 100}, {"pid": 0, "tid": 7}
@@ -125,17 +126,21 @@ def test_host_sync_counter_runs_compiled_functions_eagerly():
     assert syncs.total == 3, syncs.sites
     assert all(torch.equal(out, torch.nn.functional.silu(x) * y) for out, (x, y) in zip(outputs, inputs))
 
-def test_gpu_check_report_holds_the_mfu_rows_and_start_up_a_gpu_run_writes(tmp_path, monkeypatch):
+@pytest.fixture
+def gpu_check(monkeypatch):
+    """bench/gpu_check.py, importable for the test that asks for it only, not the rest of the suite."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_check
+
+    return gpu_check
+
+
+def test_gpu_check_report_holds_the_mfu_rows_and_start_up_a_gpu_run_writes(tmp_path, gpu_check):
     """bench/gpu_check.py's report from bench/gpu_mfu.py's JSON (a row as the H100 run of
     megatron-core 0.16.1 wrote it, one with this version's micro-batch, rows per expert and start-up,
     and a failed one) and from the GPU tests' log (one pytest process per test, each with its
     summary), rendered here so that a lent GPU's minutes do not find a formatting error."""
     import json
-
-    from helpers import ROOT
-
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # for this test only, not the rest of the suite
-    import gpu_check
 
     old = {"recipe": "dense3b", "layers": "35/40", "precision": "bf16", "planned_gib": 64.07, "tokens_per_s": 18533,
            "tflops": 379.9, "mfu": 0.384, "peak_gib": 65.42, "peak_vs_plan": 1.021}
@@ -164,18 +169,13 @@ def test_gpu_check_report_holds_the_mfu_rows_and_start_up_a_gpu_run_writes(tmp_p
     assert [line.split()[1] for line in tests.strip().splitlines()] == ["FAILED", "PASSED"]
 
 
-def test_gpu_check_stops_a_test_over_its_limit_with_the_processes_it_started(tmp_path, monkeypatch):
+def test_gpu_check_stops_a_test_over_its_limit_with_the_processes_it_started(tmp_path, gpu_check):
     """A GPU test over `--test-timeout` is stopped with its training processes (they would hold the
     GPU for the parts after it); the tests before it keep their output and the report names it."""
     import sys
     import time
 
     import psutil
-
-    from helpers import ROOT
-
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import gpu_check
 
     child = tmp_path / "child.pid"
     hangs = f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); " \
@@ -200,16 +200,11 @@ def test_gpu_check_stops_a_test_over_its_limit_with_the_processes_it_started(tmp
                      "after", "5", "s"]
 
 
-def test_gpu_check_runs_gpu_tests_side_by_side_and_keeps_their_order(tmp_path, monkeypatch):
+def test_gpu_check_runs_gpu_tests_side_by_side_and_keeps_their_order(tmp_path, gpu_check):
     """`--test-jobs` GPU tests at a time: two that each wait for the other to have started pass only
     when run together (one after the other, the first would reach its limit); the log lists them in
     the order given, not the order they ended."""
     import sys
-
-    from helpers import ROOT
-
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import gpu_check
 
     def meets(me: str, other: str, then_sleeps: float) -> list:
         waits = (f"import pathlib, time; d = pathlib.Path({str(tmp_path)!r}); (d / {me!r}).touch(); "
