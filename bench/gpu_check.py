@@ -24,10 +24,12 @@ On a GPU machine with the packages installed it runs, in order:
 
     python bench/gpu_check.py [--out runs/gpu-check] [--steps 8] [--warmup 3] [--accumulation 4]
                               [--parts tests mfu profile gemms coordcheck cuda-graphs
-                                       micro-batch-1] [--test-jobs 4]
+                                       micro-batch-1] [--test-jobs 4] [--time-limit SECONDS]
 
 Each part's full output is kept beside report.md, which is rewritten after each part; a part that
-fails is reported and the rest run.
+fails is reported and the rest run. `--time-limit` bounds the whole check (a lent GPU's minutes are
+counted): what is running then is stopped with its processes, what has not started is not, and the
+report keeps what ended, the MFU rows measured so far included.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shutil
@@ -58,11 +61,12 @@ DEFAULT_PARTS = ("tests", "mfu", "profile", "gemms", "cuda-graphs")
 GPU_TESTS = "tests/test_gpu.py"
 
 
-def run(name: str, cmd: list, out: Path, limit: float = None, jobs: int = 1) -> dict:
-    """Run one part: a command, or a list of them `jobs` at a time, each within `limit` seconds;
-    how it went and how long it took. A single command's output goes to OUT/NAME.log as it comes;
-    a list's to OUT/NAME/<k>.log each, and OUT/NAME.log holds those of the commands that have ended,
-    in the list's order, rewritten as each ends (so that a check cut short keeps them)."""
+def run(name: str, cmd: list, out: Path, limit: float = None, jobs: int = 1, deadline: float = None) -> dict:
+    """Run one part: a command, or a list of them `jobs` at a time, each within `limit` seconds and
+    none past `deadline` (a time.time(); one not started by then is not started); how it went and
+    how long it took. A single command's output goes to OUT/NAME.log as it comes; a list's to
+    OUT/NAME/<k>.log each, and OUT/NAME.log holds those of the commands that have ended, in the
+    list's order, rewritten as each ends (so that a check cut short keeps them)."""
     start = time.time()
     commands = cmd if isinstance(cmd[0], list) else [cmd]
     if len(commands) == 1:
@@ -72,7 +76,7 @@ def run(name: str, cmd: list, out: Path, limit: float = None, jobs: int = 1) -> 
         logs = [out / name / f"{k}.log" for k in range(len(commands))]
     codes = [None] * len(commands)
     with ThreadPoolExecutor(jobs) as pool:
-        running = {pool.submit(run_command, one, log, limit): k for k, (one, log) in enumerate(zip(commands, logs))}
+        running = {pool.submit(run_command, one, log, limit, deadline): k for k, (one, log) in enumerate(zip(commands, logs))}
         for done in as_completed(running):
             codes[running[done]] = done.result()
             if len(commands) > 1:
@@ -85,9 +89,16 @@ def run(name: str, cmd: list, out: Path, limit: float = None, jobs: int = 1) -> 
     return {"part": name, "exit_code": code, "seconds": round(seconds, 1)}
 
 
-def run_command(cmd: list, log_path: Path, limit: float = None) -> int:
-    """`cmd`'s exit code (124 when stopped after `limit` seconds), its output in LOG_PATH."""
+def run_command(cmd: list, log_path: Path, limit: float = None, deadline: float = None) -> int:
+    """`cmd`'s exit code (124 when stopped after `limit` seconds or at `deadline`, or not started
+    because `deadline` had passed), its output in LOG_PATH."""
+    if deadline is not None:
+        limit = min(limit or math.inf, deadline - time.time())
+    what = cmd[-1] if str(cmd[-1]).startswith(GPU_TESTS) else "this part"  # a GPU test's line, as pytest names it
     with open(log_path, "w") as log:
+        if limit is not None and limit <= 0:
+            log.write(f"{what} TIMEOUT: not started, the check's --time-limit had passed\n")
+            return 124
         # A session of its own, so that a command over its limit goes with the training processes
         # it started (they hold the GPU).
         process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -96,7 +107,7 @@ def run_command(cmd: list, log_path: Path, limit: float = None) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            log.write(f"\n{cmd[-1]} TIMEOUT after {limit:.0f} s\n")
+            log.write(f"\n{what} TIMEOUT after {limit:.0f} s\n")
             return 124
 
 
@@ -138,6 +149,9 @@ def main():
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(DEFAULT_PARTS))
     p.add_argument("--test-timeout", type=int, default=150, help="seconds for each GPU test")
     p.add_argument("--test-jobs", type=int, default=4, help="GPU tests run side by side (their models are small)")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="seconds for the whole check (0: none); what runs then is stopped, what has not started is "
+                        "not, and the report keeps what ended (the MFU rows measured so far included)")
     args = p.parse_args()
     hw = hardware.detect()
     if not hw.cuda:
@@ -174,10 +188,11 @@ def main():
              if name in args.parts or (name == "mfu" and {"profile", "cuda-graphs"} & set(args.parts))]
     # The default data, built once before tests that would each build it side by side.
     subprocess.run([sys.executable, "-m", "megatron_power.cli", "data"], cwd=ROOT, check=True)
+    deadline = start + args.time_limit if args.time_limit else None
     parts = []
     for name in names:  # the report after each part, so that a check cut short keeps what it found
         limit, jobs = (args.test_timeout, args.test_jobs) if name == "tests" else (None, 1)
-        parts.append(run(name, commands[name], out, limit, jobs))
+        parts.append(run(name, commands[name], out, limit, jobs, deadline))
         write_report(out, machine, parts, time.time() - start)
     shutil.rmtree(scratch, ignore_errors=True)
     sys.exit(0 if all(part["exit_code"] == 0 for part in parts) else 1)
@@ -187,7 +202,8 @@ def write_report(out: Path, machine: dict, parts: list, seconds: float) -> None:
     lines = ["# GPU check", "", f"{machine['policy']}", "",
              "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in machine.items() if k != "policy"]
     lines += ["", f"Total {seconds / 60:.1f} min.", "", "| part | result | seconds |", "|---|---|---|"]
-    lines += [f"| {p['part']} | {'ok' if p['exit_code'] == 0 else 'FAILED'} | {p['seconds']} |" for p in parts]
+    result = {0: "ok", 124: "stopped at its time limit"}
+    lines += [f"| {p['part']} | {result.get(p['exit_code'], 'FAILED')} | {p['seconds']} |" for p in parts]
     tests_log = (out / "tests.log").read_text() if (out / "tests.log").is_file() else ""
     summary = [line for line in tests_log.splitlines() if line.startswith(GPU_TESTS + "::")
                and any(word in line for word in (" PASSED", " FAILED", " SKIPPED", " ERROR", " TIMEOUT"))]

@@ -218,3 +218,32 @@ def test_gpu_check_runs_gpu_tests_side_by_side_and_keeps_their_order(tmp_path, g
     assert part["exit_code"] == 0
     log = (tmp_path / "tests.log").read_text().split()
     assert log == ["tests/test_gpu.py::test_first", "PASSED", "tests/test_gpu.py::test_second", "PASSED"]
+
+
+
+def test_gpu_check_time_limit_stops_what_runs_starts_nothing_more_and_keeps_what_ended(tmp_path, gpu_check):
+    """`--time-limit`: the part running at the deadline is stopped with its processes, the parts
+    after it start none of their commands, and the report keeps the MFU rows the stopped part wrote
+    (bench/gpu_mfu.py writes its table as each row comes)."""
+    import json
+    import sys
+    import time
+
+    row = {"recipe": "dense3b", "layers": "35/40", "precision": "bf16", "micro_batch": 1, "planned_gib": 64.07,
+           "tokens_per_s": 20000, "tflops": 410.0, "mfu": 0.415, "peak_gib": 65.0, "peak_vs_plan": 1.015}
+    (tmp_path / "first-row.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "bf16_peak_tflops": 989.0,
+                                                         "rows": [row]}))
+    one_row_then_hangs = (f"import shutil, time; shutil.copy({str(tmp_path / 'first-row.json')!r}, "
+                          f"{str(tmp_path / 'mfu.json')!r}); time.sleep(600)")
+    deadline = time.time() + 3
+    mfu = gpu_check.run("mfu", [sys.executable, "-c", one_row_then_hangs], tmp_path, deadline=deadline)
+    assert mfu["exit_code"] == 124 and time.time() - deadline < 30
+    started = tmp_path / "started"
+    test = [sys.executable, "-c", f"open({str(started)!r}, 'w')", "tests/test_gpu.py::test_late"]
+    tests = gpu_check.run("tests", [test, test], tmp_path, limit=100, jobs=2, deadline=deadline)
+    assert tests["exit_code"] == 124 and not started.exists()
+    gpu_check.write_report(tmp_path, {"policy": "1 x H100"}, [mfu, tests], 5.0)
+    report = (tmp_path / "report.md").read_text()
+    assert "| mfu | stopped at its time limit |" in report and "| tests | stopped at its time limit |" in report
+    assert "| dense3b | 35/40 | bf16 | 1 |  | 20,000 | 410.0 | 41.5% |" in report
+    assert "tests/test_gpu.py::test_late TIMEOUT: not started" in report.split("## Tests")[1]
