@@ -219,7 +219,7 @@ def write_report(out: Path, machine: dict, parts: list, seconds: float) -> None:
     gemms = out / "gemms.log"
     if gemms.is_file():
         lines += ["", "## GEMMs, bf16 and FP8 (ms, forward + backward)", ""] + [
-            line for line in gemms.read_text().splitlines() if line.startswith(("|", "ceiling"))]
+            line for line in gemms.read_text().splitlines() if line.startswith(("|", "ceiling", "failed"))]
     coord = out / "coordcheck.log"
     if coord.is_file():
         lines += ["", "## Coordinate check (GPU)", ""] + [f"    {line}" for line in coord.read_text().splitlines()

@@ -127,12 +127,17 @@ def test_host_sync_counter_runs_compiled_functions_eagerly():
     assert all(torch.equal(out, torch.nn.functional.silu(x) * y) for out, (x, y) in zip(outputs, inputs))
 
 @pytest.fixture
-def gpu_check(monkeypatch):
-    """bench/gpu_check.py, importable for the test that asks for it only, not the rest of the suite."""
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import gpu_check
+def bench(monkeypatch):
+    """A script of bench/ by name, importable for the test that asks for it only, not the rest of the suite."""
+    import importlib
 
-    return gpu_check
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    return importlib.import_module
+
+
+@pytest.fixture
+def gpu_check(bench):
+    return bench("gpu_check")
 
 
 def test_gpu_check_report_holds_the_mfu_rows_and_start_up_a_gpu_run_writes(tmp_path, gpu_check):
@@ -247,3 +252,31 @@ def test_gpu_check_time_limit_stops_what_runs_starts_nothing_more_and_keeps_what
     assert "| mfu | stopped at its time limit |" in report and "| tests | stopped at its time limit |" in report
     assert "| dense3b | 35/40 | bf16 | 1 |  | 20,000 | 410.0 | 41.5% |" in report
     assert "tests/test_gpu.py::test_late TIMEOUT: not started" in report.split("## Tests")[1]
+
+
+def test_fp8_gemms_times_each_recipes_layer_at_its_micro_batch_and_moe_experts_in_both_layouts(bench):
+    """bench/fp8_gemms.py's GEMMs come from the recipes: dense3b's at 2 x 4096 tokens; moe3b's
+    experts as one GPU holds all 40 (3,276 rows each) and as a GPU of its EP-8 layout holds 5 (8
+    times the rows), the same expert rows, hence FLOPs, in both; a recipe that fails leaves its cells
+    blank."""
+    fp8_gemms = bench("fp8_gemms")
+    Gemm = fp8_gemms.Gemm
+    assert fp8_gemms.layer_gemms("dense3b") == {"one layer": [
+        Gemm("qkv", 2304, 6912, 8192), Gemm("attention out", 2304, 2304, 8192),
+        Gemm("mlp fc1 (SwiGLU)", 2304, 18432, 8192), Gemm("mlp fc2", 9216, 2304, 8192)]}
+    one_gpu, layout = fp8_gemms.layer_gemms("moe3b").values()
+    assert one_gpu[:2] == layout[:2] == [Gemm("qkv", 1536, 2560, 16384), Gemm("attention out", 1536, 1536, 16384)]
+    assert one_gpu[2:] == [Gemm("experts fc1 (SwiGLU), 40 grouped", 1536, 1024, 3276, 40),
+                           Gemm("experts fc2, 40 grouped", 512, 1536, 3276, 40)]
+    assert [(g.fan_in, g.fan_out, g.experts) for g in layout[2:]] == [(1536, 1024, 5), (512, 1536, 5)]
+
+    def flops(gemms):
+        return sum(g.fan_in * g.fan_out * g.rows * max(g.experts, 1) for g in gemms)
+
+    assert flops(layout) == pytest.approx(flops(one_gpu), rel=1e-3)
+    row = fp8_gemms.markdown_row("moe3b", "experts fc2", "", {"bf16": (2.0, 4.0), "FP8 current": (4.0, 8.0),
+                                                              "current, cast": (5.0, 9.0)})
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert len(cells) == len(fp8_gemms.HEADER_CELLS) == fp8_gemms.HEADER[1].count("|") - 1
+    by_header = dict(zip(fp8_gemms.HEADER_CELLS, cells))
+    assert by_header["bf16 / current"] == "0.50" and by_header["FP8 blockwise"] == "" and by_header["host: bf16"] == "4.000"
