@@ -8,17 +8,18 @@ On a GPU machine with the packages installed it runs, in order:
    each in a pytest process of its own under `--test-timeout`, `--test-jobs` of them side by side
    (their models are small; most of their time is the imports of the processes they start), so
    that a check cut short still has the failure text of every test that ended;
-3. the MFU benchmark (bench/gpu_mfu.py: dense3b and moe3b, bf16 and FP8, depth cut to fit, at the
+3. part `gemms` (bench/fp8_gemms.py): each GEMM of one layer of both recipes at their micro-batch
+   (moe3b's experts also as one GPU of the recipe's EP layout holds them) in bf16 and each FP8
+   scaling, its time on the device and the host's time to issue it;
+4. the MFU benchmark (bench/gpu_mfu.py: dense3b and moe3b, bf16 and FP8, depth cut to fit, at the
    recipes' micro-batch), with peak memory against the planner's estimate and each run's start-up;
    with part `cuda-graphs`, each run then times as many steps again with each layer's static part
    replayed from CUDA graphs (precision.cuda_graphs), a second row beside the eager one;
    part `micro-batch-1` (not run unless named): the same at one sequence per micro-batch, the
    baseline the recipes' micro-batch was chosen against;
-4. the profile (part `profile`, in the same runs, after their timed steps): per recipe and
+5. the profile (part `profile`, in the same runs, after their timed steps): per recipe and
    precision, the step's time by kind of kernel, device idle time, the most expensive kernels,
    launches and host synchronisations per step with the Python lines that make them;
-5. part `gemms` (bench/fp8_gemms.py): each GEMM of one layer of both recipes in bf16 and FP8, its
-   time on the device and the host's time to issue it;
 6. part `coordcheck` (not run unless named: the GPU tests hold the same run to its bound): the
    coordinate check on the GPU path, as a plot.
 
@@ -173,10 +174,11 @@ def main():
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     commands = {
         "tests": gpu_test_commands(scratch) if "tests" in args.parts else [],
+        # Before the MFU runs: short and bounded, where the MFU part's last run is the one a time limit cuts.
+        "gemms": [sys.executable, "bench/fp8_gemms.py", "--repeats", "10"],
         "mfu": mfu + ["--json", str(out / "mfu.json")]
         + (["--profile", str(out / "profile"), "--profiled-steps", "1"] if "profile" in args.parts else [])
         + (["--cuda-graphs"] if "cuda-graphs" in args.parts else []),
-        "gemms": [sys.executable, "bench/fp8_gemms.py", "--repeats", "20"],
         "coordcheck": [sys.executable, "-m", "megatron_power.cli", "coordcheck", "proxy", "--widths",
                        "128,256,512,1024", "--steps", "7", "--out", str(out / "coordcheck"),
                        "model.num_layers=2", "model.seq_length=128", "train.global_batch_size=8",
