@@ -60,6 +60,7 @@ from megatron_power.training import hardware  # noqa: E402
 PARTS = ("tests", "mfu", "profile", "gemms", "coordcheck", "cuda-graphs", "micro-batch-1")
 DEFAULT_PARTS = ("tests", "mfu", "profile", "gemms", "cuda-graphs")
 GPU_TESTS = "tests/test_gpu.py"
+RESULT = {0: "ok", 124: "stopped at its time limit"}  # by exit code; any other is a failure
 
 
 def run(name: str, cmd: list, out: Path, limit: float = None, jobs: int = 1, deadline: float = None) -> dict:
@@ -85,8 +86,7 @@ def run(name: str, cmd: list, out: Path, limit: float = None, jobs: int = 1, dea
                 (out / f"{name}.log").write_text("".join(ended))
     code = next((c for c in codes if c), 0)
     seconds = time.time() - start
-    print(f"{name}: {'ok' if code == 0 else f'FAILED ({code})'} in {seconds:.0f} s -> {out / (name + '.log')}",
-          flush=True)
+    print(f"{name}: {RESULT.get(code, f'FAILED ({code})')} in {seconds:.0f} s -> {out / (name + '.log')}", flush=True)
     return {"part": name, "exit_code": code, "seconds": round(seconds, 1)}
 
 
@@ -204,8 +204,7 @@ def write_report(out: Path, machine: dict, parts: list, seconds: float) -> None:
     lines = ["# GPU check", "", f"{machine['policy']}", "",
              "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in machine.items() if k != "policy"]
     lines += ["", f"Total {seconds / 60:.1f} min.", "", "| part | result | seconds |", "|---|---|---|"]
-    result = {0: "ok", 124: "stopped at its time limit"}
-    lines += [f"| {p['part']} | {result.get(p['exit_code'], 'FAILED')} | {p['seconds']} |" for p in parts]
+    lines += [f"| {p['part']} | {RESULT.get(p['exit_code'], 'FAILED')} | {p['seconds']} |" for p in parts]
     tests_log = (out / "tests.log").read_text() if (out / "tests.log").is_file() else ""
     summary = [line for line in tests_log.splitlines() if line.startswith(GPU_TESTS + "::")
                and any(word in line for word in (" PASSED", " FAILED", " SKIPPED", " ERROR", " TIMEOUT"))]
