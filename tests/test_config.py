@@ -50,6 +50,10 @@ BAD = [
     (["profile.start_step=5", "profile.steps=0"], 1, "profile.start_step must be >= 0 (0: off) and profile.steps >= 1"),
     (["logging.wandb.project=p", "logging.wandb.mode=disabled"], 1, "logging.wandb.mode must be online or offline, got 'disabled'"),
     (["precision.cuda_graphs=true", "precision.recompute=full"], 1, "precision.cuda_graphs=true cannot replay a fully recomputed layer"),
+    (["model.num_experts=4", "precision.fp8_experts=delayed"], 1,
+     "precision.fp8_experts 'delayed' is unknown; expected null, bf16, tensorwise, blockwise or mxfp8"),
+    (["precision.fp8_experts=bf16"], 1, "precision.fp8_experts=bf16 sets the MoE experts' precision, and "
+     "model.num_experts is not set"),
     (["precision.cuda_graph_warmup_steps=0"], 1, "precision.cuda_graph_warmup_steps must be >= 1 (eager steps before the capture), got 0"),
     (["precision.cuda_graphs=true", "parallel.pp=2", "train.batch_schedule=[[0,32],[1000000,64]]"], 2,
      "precision.cuda_graphs=true with parallel.pp > 1 needs a fixed batch"),

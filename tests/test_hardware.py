@@ -7,12 +7,14 @@ import sys
 import textwrap
 from dataclasses import replace
 
+import torch
+
 from helpers import ROOT
 from megatron_power.config import load_config
 from megatron_power.ops import plan
-from megatron_power.training import hardware
+from megatron_power.training import hardware, runtime
 from megatron_power.training.hardware import Hardware
-from megatron_power.training.model import transformer_fields
+from megatron_power.training.model import build_model, transformer_fields
 
 CPU = hardware.CPU
 GPU_ONLY = Hardware(cuda=True, transformer_engine=False, apex=False, fused_softmax=False,
@@ -109,6 +111,44 @@ def test_cuda_graphs_capture_what_megatron_accepts_for_each_layer_kind():
         for hw in (CPU, GPU_ONLY):
             assert "cuda_graph_impl" not in _fields(overrides + ["precision.cuda_graphs=true"], hw)
     assert "cuda_graph_impl" not in _fields(MOE, GPU_TE)
+
+
+def test_experts_take_their_own_precision_from_megatrons_per_module_recipe():
+    """precision.fp8_experts: Megatron's matcher gives the experts' GEMMs (TE's grouped ones, the
+    local spec's per expert) and nothing else a TE precision of their own: bf16, or another scaling
+    in the run's FP8 format. Set only where FP8 is."""
+    from megatron.core.enums import Fp8Recipe
+    from megatron.core.extensions.transformer_engine import TEQuantizationParams
+    from megatron.core.quantization.utils import get_quant_config_or_none
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = load_config("proxy", MOE + ["model.num_layers=2"], check_paths=False)
+    runtime.initialize(config, hw=CPU, alone=True)
+    try:
+        with torch.device("meta"):
+            names = [name for name, _ in build_model(config, 512, initialize=False, hw=CPU).named_modules()
+                     if name.endswith(("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "router"))]
+    finally:
+        runtime.shutdown()
+    names += ["decoder.layers.1.mlp.experts.linear_fc1", "decoder.layers.1.mlp.experts.linear_fc2"]  # TEGroupedMLP's
+    experts = [name for name in names if ".mlp.experts." in name]
+    assert len(experts) == 2 * 2 * 4 + 2  # fc1 and fc2 of 4 experts in 2 layers, and the grouped pair
+
+    for setting, scaling in (("bf16", None), ("blockwise", Fp8Recipe.blockwise)):
+        fields = _fields(MOE + ["precision.fp8=hybrid", f"precision.fp8_experts={setting}"], GPU_TE)
+        recipe = TransformerConfig(**{**fields, "fp8": None, "apply_rope_fusion": False, "moe_permute_fusion": False,
+                                      "moe_router_fusion": False}).quant_recipe
+        matched = {name: get_quant_config_or_none(name, recipe) for name in names}
+        assert [name for name, found in matched.items() if found] == experts
+        for name in experts:
+            params = TEQuantizationParams.parse_from_config(matched[name]).training_recipe
+            assert params.fp8_quantization_recipe == scaling and params.override_quantized_autocast
+            assert not params.override_nonquantized_autocast  # bf16 layers keep bf16 experts
+            assert scaling is None or params.fp8_format == "hybrid"
+        for hw in (CPU, GPU_ONLY):
+            assert "quant_recipe" not in _fields(MOE + ["precision.fp8=hybrid", f"precision.fp8_experts={setting}"], hw)
+        assert "quant_recipe" not in _fields(MOE + [f"precision.fp8_experts={setting}"], GPU_TE)
+    assert "quant_recipe" not in _fields(MOE + ["precision.fp8=hybrid"], GPU_TE)
 
 
 def test_bridges_for_a_gpu_without_transformer_engine():

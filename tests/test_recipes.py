@@ -103,6 +103,12 @@ def test_fp8_plan_counts_transformer_engines_weight_copies():
     counts = plan.count_parameters(bf16, bf16.model.vocab_size)
     extra = plan.memory_per_gpu(fp8, counts, 1).weights - plan.memory_per_gpu(bf16, counts, 1).weights
     assert extra == 2 * (counts.total - counts.embedding)
+    # precision.fp8_experts=bf16: no FP8 copy of the experts (5 of 40 on each of moe3b's 8 GPUs).
+    fp8, bf16_experts = (load_config("moe3b", [f"precision.fp8_experts={f}"], 8, check_paths=False)
+                         for f in ("null", "bf16"))
+    counts = plan.count_parameters(fp8, fp8.model.vocab_size)
+    saved = plan.memory_per_gpu(fp8, counts, 8).weights - plan.memory_per_gpu(bf16_experts, counts, 8).weights
+    assert saved == 2 * counts.expert / fp8.parallel.ep
 
 
 

@@ -141,6 +141,12 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
     need(pr.fp8 in (None, "hybrid", "e4m3"), f"precision.fp8 '{pr.fp8}' is unknown; expected null, hybrid or e4m3")
     need(pr.fp8_recipe in ("tensorwise", "delayed", "blockwise", "mxfp8"),
          f"precision.fp8_recipe '{pr.fp8_recipe}' is unknown; expected tensorwise, delayed, blockwise or mxfp8")
+    need(pr.fp8_experts in (None, "bf16", "tensorwise", "blockwise", "mxfp8"),
+         f"precision.fp8_experts '{pr.fp8_experts}' is unknown; expected null, bf16, tensorwise, blockwise or mxfp8 "
+         f"(Megatron-Core's per-module recipes take no delayed scaling)")
+    need(pr.fp8_experts is None or m.num_experts,
+         f"precision.fp8_experts={pr.fp8_experts} sets the MoE experts' precision, and model.num_experts is not set; "
+         f"expected precision.fp8_experts null for a dense model")
     need(pr.recompute in ("none", "selective", "full"),
          f"precision.recompute '{pr.recompute}' is unknown; expected none, selective or full")
     need(not (pr.cuda_graphs and pr.recompute == "full"),

@@ -104,7 +104,7 @@ def memory_per_gpu(config, counts: ParamCounts, gpus: int) -> Memory:
     weights = params * 2  # bf16, as on the GPUs this plans for
     if config.precision.fp8:
         # Transformer Engine also keeps each layer weight in FP8, and its transpose for backward.
-        weights += 2 * (params - counts.embedding / p.tp)
+        weights += 2 * (params - counts.embedding / p.tp - (expert if config.precision.fp8_experts == "bf16" else 0))
     gradients = params * 4  # Megatron reduces gradients in fp32
     state = 12  # fp32 master weights, exp_avg, exp_avg_sq
     if p.distributed_optimizer:

@@ -23,7 +23,7 @@ from megatron_power.training.continued_dataset import reordered, samples_read
 from megatron_power.training.cuda_graphs import LayerGraphs, graphed_modules
 from megatron_power.training.data import TokenizerInfo, build_datasets, micro_batches
 from megatron_power.training.metrics import MetricsLogger, StartupClock
-from megatron_power.training.model import build_model, model_differences
+from megatron_power.training.model import build_model, model_differences, precision_overrides
 from megatron_power.training.optim import build_optimizer, wrap_model
 from megatron_power.training.probes.expert_load import ExpertLoad
 from megatron_power.training.probes.noise_scale import FirstMicrobatchProbe, NoiseScaleAverage
@@ -199,6 +199,10 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     if config.precision.fp8 and rt.hardware.cuda and not rt.hardware.transformer_engine:
         log.info(f"precision.fp8={config.precision.fp8} is ignored: Transformer Engine is not usable, so this "
                  f"run uses Megatron's local layer spec in bf16")
+    overridden = precision_overrides(gpt_model)
+    if overridden:
+        log.info(f"precision.fp8_experts={config.precision.fp8_experts}: the experts' {overridden} GEMM modules "
+                 f"run in it, the rest of the layers in FP8 ({config.precision.fp8_recipe})")
     if rt.rank == 0:
         config.run_dir.mkdir(parents=True, exist_ok=True)
         (config.run_dir / "config.yaml").write_text(to_yaml(config))

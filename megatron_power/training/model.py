@@ -12,6 +12,7 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.quantization.quant_config import RecipeConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -88,12 +89,35 @@ def precision_fields(config, hw: Hardware) -> dict:
     # FP8 needs Transformer Engine's layers; elsewhere the recipe runs in bf16 / fp32.
     if pr.fp8 and hw.transformer_engine:
         fields.update(fp8=pr.fp8, fp8_recipe=pr.fp8_recipe, first_last_layers_bf16=pr.fp8_bf16_first_last)
+        if pr.fp8_experts:
+            fields.update(quant_recipe=experts_quant_recipe(pr))
     graphed = cuda_graphs.graphed_modules(config, hw)
     if graphed:
         # TE's RNG tracker is the one whose states a graph can capture.
         fields.update(cuda_graph_impl="transformer_engine", cuda_graph_modules=graphed,
                       cuda_graph_warmup_steps=pr.cuda_graph_warmup_steps, use_te_rng_tracker=True)
     return fields
+
+
+# The experts' GEMMs: TEGroupedMLP's linear_fc1 and linear_fc2 (SequentialMLP's local_experts too).
+EXPERT_GEMMS = "*.mlp.experts.*"
+
+
+def experts_quant_recipe(pr) -> RecipeConfig:
+    """Megatron-Core's per-module quantization recipe (what Megatron-LM reads from
+    --te-precision-config-file) giving the experts' GEMMs `pr.fp8_experts`: bf16, or another FP8
+    scaling, inside the layers' FP8 context. A layer the context leaves in bf16
+    (precision.fp8_bf16_first_last) keeps its experts in bf16 too."""
+    scaling = {} if pr.fp8_experts == "bf16" else {"fp8_quantization_recipe": pr.fp8_experts, "fp8_format": pr.fp8}
+    return RecipeConfig.from_config_dict({
+        "configs": {"experts": {"transformer_engine_config_type": "TEQuantizationParams", "training_recipe": scaling}},
+        "matchers": {"experts": {"type": "glob", "pattern": EXPERT_GEMMS, "config": "experts", "enabled": True}},
+    })
+
+
+def precision_overrides(model: GPTModel) -> int:
+    """How many of the model's modules Megatron gave a precision of their own (finish_init)."""
+    return sum(getattr(module, "te_quant_params", None) is not None for module in model.modules())
 
 
 def moe_fields(config, hw: Hardware) -> dict:
