@@ -95,8 +95,8 @@ def test_bf16_trains_like_fp32_on_cpu(default_data, tmp_path, model):
 @pytest.mark.parametrize("model,said", [
     (DENSE, None),
     # The experts' fc1 and fc2 in each of the 4 layers given bf16 by Megatron's per-module recipe
-    # (precision.fp8_experts); in the FP8 layers 2 and 3 they run in it, the attention in FP8.
-    (MOE + ["precision.fp8_experts=bf16"], "precision.fp8_experts=bf16: the experts' 8 GEMM modules run in it"),
+    # (precision.fp8_experts); in layers 2 and 3, the FP8 ones, beside attention in FP8.
+    (MOE + ["precision.fp8_experts=bf16"], "precision.fp8_experts=bf16: the experts' 8 GEMM modules run in bf16"),
 ], ids=["dense", "moe-bf16-experts"])
 def test_fp8_trains_like_fp32_on_cpu(default_data, tmp_path, model, said):
     cpu = beside(losses, tmp_path, "cpu", model, on_gpu=False)

@@ -201,8 +201,9 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
                  f"run uses Megatron's local layer spec in bf16")
     overridden = precision_overrides(gpt_model)
     if overridden:
-        log.info(f"precision.fp8_experts={config.precision.fp8_experts}: the experts' {overridden} GEMM modules "
-                 f"run in it, the rest of the layers in FP8 ({config.precision.fp8_recipe})")
+        pr = config.precision
+        log.info(f"precision.fp8_experts={pr.fp8_experts}: the experts' {overridden} GEMM modules run in "
+                 f"{pr.fp8_experts}, the rest of the FP8 layers in {pr.fp8_recipe} scaling")
     if rt.rank == 0:
         config.run_dir.mkdir(parents=True, exist_ok=True)
         (config.run_dir / "config.yaml").write_text(to_yaml(config))
