@@ -12,7 +12,8 @@ On a GPU machine with the packages installed it runs, in order:
    (moe3b's experts also as one GPU of the recipe's EP layout holds them) in bf16 and each FP8
    scaling, its time on the device and the host's time to issue it;
 4. the MFU benchmark (bench/gpu_mfu.py: dense3b and moe3b, bf16 and FP8, moe3b last also FP8 with
-   its experts in bf16, depth cut to fit, at the recipes' micro-batch), with peak memory against the planner's estimate and each run's start-up;
+   its experts in bf16, depth cut to fit, at the recipes' micro-batch), with peak memory against the
+   planner's estimate and each run's start-up;
    with part `cuda-graphs`, each run then times as many steps again with each layer's static part
    replayed from CUDA graphs (precision.cuda_graphs), a second row beside the eager one;
    part `micro-batch-1` (not run unless named): the same at one sequence per micro-batch, the

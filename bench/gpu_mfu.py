@@ -185,7 +185,7 @@ def main():
         common.append(f"model.num_layers={depth}")
         for precision in precisions:
             if precision != "bf16" and not hw.transformer_engine:
-                print(f"{recipe} fp8: skipped, Transformer Engine is not usable here")
+                print(f"{recipe} {precision}: skipped, Transformer Engine is not usable here")
                 continue
             config = load_config(recipe, common + PRECISION[precision], 1, check_paths=False)
             counts = plan.count_parameters(config, config.model.vocab_size)

@@ -95,7 +95,7 @@ class PrecisionConfig:
     fp8_bf16_first_last: bool = True  # keep the first and last layer in bf16
     # The MoE experts' GEMMs in a precision of their own (null: as the rest): bf16, or another
     # scaling (tensorwise | blockwise | mxfp8), through Megatron-Core's per-module quantization
-    # recipe (model.experts_quant_recipe). Ignored where precision.fp8 is.
+    # recipe (training/model.py, experts_quant_recipe). Ignored where precision.fp8 is.
     fp8_experts: Optional[str] = None
     recompute: str = "none"  # none | selective (attention scores) | full (each layer)
     # Replay each layer's static part from Transformer Engine's CUDA graphs (training/cuda_graphs.py),
