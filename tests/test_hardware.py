@@ -41,6 +41,22 @@ def test_policy_for_each_machine():
     assert hardware.decide(True, modules(hardware.FUSED_WGRAD_MODULE)).fused_wgrad
 
 
+def test_the_start_up_names_transformer_engine_and_warns_when_it_is_not_paired():
+    """A container brings its own TE: its version is in the run's hardware line, and one outside
+    the gpu extra's range gets a warning line at start-up (not a refusal: it may well work)."""
+    installed = {"transformer_engine": "2.20.2"}.get
+    with_te = hardware.decide(True, modules(hardware.TE_MODULE), installed)
+    assert with_te.te_version == "2.20.2" and "Transformer Engine 2.20.2 layers" in with_te.describe()
+    assert hardware.decide(True, modules(), installed).te_version == ""  # installed, but not usable
+    for paired in ("2.12.0", "2.20.2", "2.16.0+3f1a2b"):  # the last as a build from git
+        assert hardware.unpaired_te_warning(paired) is None, paired
+    for unpaired in ("2.11.0", "2.21.0.dev0+3f1a2b", "3.0.0"):
+        line = hardware.unpaired_te_warning(unpaired)
+        assert line.startswith(f"warning: Transformer Engine {unpaired} is outside the releases megatron-core "
+                               f"0.19.2 is paired with here (>=2.12,"), line
+        assert "\n" not in line
+
+
 def test_transformer_engine_with_a_broken_torch_extension_is_not_used(tmp_path, monkeypatch):
     # As TE ships: the package's __init__ imports, its torch part fails to load its extension.
     package = tmp_path / "transformer_engine"

@@ -140,11 +140,11 @@ def test_make_submit_with_an_empty_container_fails_before_sbatch(fake_sbatch):
 
 def test_dry_run_renders_a_multi_node_gpu_script(default_data):
     out = subprocess.run([str(ROOT / ".venv" / "bin" / "megatron-power"), "submit", "dense3b", "--nodes", "16",
-                          "--time", "2-00:00:00", "--container", "nvcr.io#nvidia/pytorch:25.01-py3", "--dry-run"],
+                          "--time", "2-00:00:00", "--container", "nvcr.io#nvidia/pytorch:26.06-py3", "--dry-run"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     result = subprocess.run(["bash", "-n"], input=out, text=True, capture_output=True)
     assert result.returncode == 0, result.stderr  # the script parses
     for line in ["#SBATCH --nodes=16", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --signal=B:USR1@180", "#SBATCH --requeue", "CONTAINER='nvcr.io#nvidia/pytorch:25.01-py3'",
+                 "#SBATCH --signal=B:USR1@180", "#SBATCH --requeue", "CONTAINER='nvcr.io#nvidia/pytorch:26.06-py3'",
                  "RECIPE=dense3b", "CUDA_DEVICE_MAX_CONNECTIONS"]:
         assert line in out

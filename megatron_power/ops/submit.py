@@ -70,7 +70,7 @@ def check(s: Submission) -> List[str]:
     elif s.time is not None and time_limit_seconds(s.time) <= s.signal_lead:
         errors.append(f"TIME {s.time} leaves no room: the checkpoint signal comes {s.signal_lead} s before the limit")
     if s.container is not None and not s.container.strip():
-        errors.append("CONTAINER is empty (expected an image for pyxis, e.g. nvcr.io#nvidia/pytorch:25.01-py3)")
+        errors.append("CONTAINER is empty (expected an image for pyxis, e.g. nvcr.io#nvidia/pytorch:26.06-py3)")
     if s.container_mounts and not s.container:
         errors.append("CONTAINER_MOUNTS given without CONTAINER (mounts belong to a container image)")
     errors += [f"override '{o}' holds whitespace, which the SLURM script splits overrides on (write lists "

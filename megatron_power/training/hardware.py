@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -37,6 +38,7 @@ class Hardware:
     gpu_name: str = ""
     gpu_memory_gib: float = 0.0
     gpus: int = 0
+    te_version: str = ""  # of the usable Transformer Engine
 
     @property
     def device_type(self) -> str:
@@ -58,7 +60,7 @@ class Hardware:
     def describe(self) -> str:
         if not self.cuda:
             return "CPU, fp32, Megatron's local layers"
-        layers = "Transformer Engine layers" if self.transformer_engine else \
+        layers = f"Transformer Engine {self.te_version} layers" if self.transformer_engine else \
             "Megatron's local layers (Transformer Engine is not usable: no FP8, no grouped-GEMM experts)"
         return f"{self.gpus} x {self.gpu_name} ({self.gpu_memory_gib:.0f} GiB), bf16, {layers}"
 
@@ -72,8 +74,18 @@ def importable(module: str) -> bool:
     return True
 
 
-def decide(cuda: bool, can_import: Callable[[str], bool] = importable) -> Hardware:
-    """The policy for a machine with or without CUDA, given which optional modules import.
+def installed_version(distribution: str) -> str:
+    """The installed version of `distribution`, or "" where it is not installed as one."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def decide(cuda: bool, can_import: Callable[[str], bool] = importable,
+           version_of: Callable[[str], str] = installed_version) -> Hardware:
+    """The policy for a machine with or without CUDA, given which optional modules import (and
+    which version of a distribution is installed).
 
     Nothing optional is imported without CUDA: Transformer Engine fails there, and the CPU path is
     Megatron's local spec in fp32.
@@ -81,9 +93,11 @@ def decide(cuda: bool, can_import: Callable[[str], bool] = importable) -> Hardwa
     if not cuda:
         return Hardware(cuda=False, transformer_engine=False, apex=False, fused_softmax=False)
     props = torch.cuda.get_device_properties(torch.cuda.current_device()) if torch.cuda.is_available() else None
+    te = can_import(TE_MODULE)
     return Hardware(
         cuda=True,
-        transformer_engine=can_import(TE_MODULE),
+        transformer_engine=te,
+        te_version=version_of("transformer_engine") if te else "",
         apex=can_import(APEX_MODULE),
         fused_softmax=can_import(FUSED_SOFTMAX_MODULE),
         fused_wgrad=can_import(FUSED_WGRAD_MODULE),
@@ -100,6 +114,31 @@ def detect() -> Hardware:
 
 
 CPU = decide(cuda=False)
+
+
+def unpaired_te_warning(te_version: str) -> Optional[str]:
+    """A line for a Transformer Engine outside the releases this repository pairs with its
+    megatron-core (the `gpu` extra's range; a container brings its own TE). An unpaired TE can
+    work until late in a run: with megatron-core 0.16.1 and a newer TE, FP8 grouped-GEMM MoE runs
+    failed at their first checkpoint. None when paired, or when the range is unknown (this
+    package's metadata absent)."""
+    from packaging.requirements import Requirement
+
+    try:
+        requires = importlib.metadata.requires("megatron-power") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    paired = next((r.specifier for r in map(Requirement, requires)
+                   if r.name == "transformer-engine" and r.marker and r.marker.evaluate({"extra": "gpu"})), None)
+    # A build from git (an NGC container's) carries a local version or a pre-release tag.
+    if paired is None or not te_version or paired.contains(te_version, prereleases=True):
+        return None
+    wanted = ",".join(sorted((str(s) for s in paired), reverse=True))
+    return (f"warning: Transformer Engine {te_version} is outside the releases megatron-core "
+            f"{installed_version('megatron-core')} is paired with here ({wanted}, the gpu extra); an "
+            f"unpaired TE can fail late (FP8 MoE runs have failed at their first checkpoint): install "
+            f"one in range (pip install --no-build-isolation -e '.[gpu]') or use a container that has one")
+
 
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, by what
 # torch.cuda.get_device_name() says; the first match wins, so variants come before their family.

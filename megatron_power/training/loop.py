@@ -192,6 +192,9 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     for message in messages:
         log.info(message)
     log.info(f"hardware: {rt.hardware.describe()}")
+    unpaired = rt.hardware.transformer_engine and hardware.unpaired_te_warning(rt.hardware.te_version)
+    if unpaired:
+        log.info(unpaired)
     log.startup(clock)
     note = power_law_note(config.schedule, t.tokens, config.tokens_per_step)
     if note:
