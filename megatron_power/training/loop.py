@@ -49,6 +49,8 @@ class TrainState:
     batch_changes: list = field(default_factory=list)  # {"step", "tokens", "batch"}: the first step at a new batch
 
 
+NOISE_SCALE_DECAY = 0.9  # per measurement; the estimate averages roughly the last ten
+
 
 def _track_router(config: Config, step: int, num_microbatches: int, writer, expert_load: ExpertLoad) -> None:
     """The load-balancing loss of each MoE layer (Megatron's own tracker, reduced over the
@@ -83,9 +85,6 @@ def _next_batch(config: Config, state: TrainState, b_simple=None) -> int:
         return current
     last_change = state.batch_changes[-1]["tokens"] if state.batch_changes else 0
     return grown_batch(current, b_simple, state.consumed_tokens, last_change, t, config.model.seq_length)
-
-
-NOISE_SCALE_DECAY = 0.9  # per measurement; the estimate averages roughly the last ten
 
 
 def _restore(config: Config, model, optimizer, vocab_size: int):
