@@ -10,6 +10,7 @@ import time
 import warnings
 
 from megatron_power.errors import ConfigError, DataError, UserError
+from megatron_power.writable import require_writable
 
 # Megatron-Core warns at import that it uses its own kernels without Transformer Engine and Apex:
 # the expected state on CPU machines and login nodes (a GPU run without TE says so in its log).
@@ -81,10 +82,14 @@ def _merge(args) -> int:
 
 
 def _schedule(args) -> int:
+    from pathlib import Path
+
     from megatron_power.config import load_config, parse_count
     from megatron_power.training.schedule import power_law_note, schedule_table
 
     config = load_config(args.recipe, args.overrides, args.world_size, check_paths=False)
+    if args.plot:
+        require_writable(Path(args.plot).parent, "--plot")
     try:
         points = [parse_count(a) for a in args.at]
     except ValueError as e:
@@ -109,6 +114,10 @@ def _data(args) -> int:
 
     out = Path(args.out)
     existed = (out / MANIFEST).is_file()
+    if not existed:
+        if args.vocab_size < 1:
+            raise ConfigError(f"--vocab-size must be positive, got {args.vocab_size}")
+        require_writable(out, "--out", DataError)
     manifest = build_default_data(out, vocab_size=args.vocab_size)
     state = "present" if existed else "built"
     print(f"data {state} in {out}: {manifest['train']['tokens']:,} train / {manifest['valid']['tokens']:,} "
@@ -121,7 +130,10 @@ def _tokenizer(args) -> int:
 
     from tokenizer import sources, spm
 
+    if args.vocab_size < 1:
+        raise ConfigError(f"--vocab-size must be positive, got {args.vocab_size}")
     paths = sources.check_inputs(args.inputs)
+    require_writable(Path(args.out).absolute().parent, "--out", DataError)
     problems = sources.Problems(args.on_error)
     texts = sources.documents(paths, args.field, problems)
     model = spm.train(spm.paragraphs(texts), Path(args.out), args.vocab_size, args.model_type,
@@ -142,6 +154,7 @@ def _preprocess(args) -> int:
     if not 0 <= args.valid_fraction < 1:
         raise DataError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
     out = Path(args.out)
+    require_writable(out.absolute().parent, "--out", DataError)
     valid = out.with_name(out.name + "_valid") if args.valid_fraction > 0 else None
     if preprocess.is_complete(out) and (valid is None or preprocess.is_complete(valid)):
         print(f"{out}.bin/.idx already complete; nothing to do (delete them to rebuild)")
@@ -175,13 +188,14 @@ def _coordcheck(args) -> int:
     if len(sizes) < 2 or sizes[0] < 1:
         raise ConfigError(f"{option}: expected two or more positive sizes, got {sizes}")
     config = load_config(args.recipe, args.overrides)
+    out = Path(args.out or config.run_dir / "coordcheck")
+    require_writable(out, "--out")
     if args.depths:
         rows = coordcheck.run(config, args.steps, depths=sizes)
     else:
         for width in sizes:
             config.model.at_width(width)  # refuses a width that is not a multiple of the head size
         rows = coordcheck.run(config, args.steps, widths=sizes)
-    out = Path(args.out or config.run_dir / "coordcheck")
     coordcheck.write(rows, out)
     print("\n".join(coordcheck.summary(rows)))
     print(f"wrote {out / 'coordcheck.csv'} and {out / 'coordcheck.png'}")
@@ -358,7 +372,9 @@ def _fit(args) -> int:
     results = Path(args.results)
     if args.best_batches < 1:
         raise ConfigError(f"--best-batches must be at least 1, got {args.best_batches}")
-    print("\n".join(fit.run(results, Path(args.out) if args.out else results.parent, args.best_batches)))
+    out = Path(args.out) if args.out else results.parent
+    require_writable(out, "--out")
+    print("\n".join(fit.run(results, out, args.best_batches)))
     return 0
 
 

@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from helpers import ROOT, command, megatron_power, truncate
+from helpers import ROOT, SHAKESPEARE, command, megatron_power, truncate
+from megatron_power import cli
 from megatron_power.config import load_config, parse_count
 from megatron_power.errors import ConfigError
 
@@ -110,6 +111,29 @@ def test_a_run_folder_that_cannot_be_created_is_one_line_before_any_work(default
     assert result.stderr.strip().splitlines() == [
         f"error: out_dir: cannot create the run folder {out_dir}/proxy: {cause}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and (tmp_path / "a-file").read_text() == "kept"
+
+
+@pytest.mark.parametrize("verb", ["data", "tokenizer", "preprocess", "coordcheck", "schedule", "fit", "submit"])
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(default_data, tmp_path, capsys, verb):
+    """Each command checks where it will write before it reads, trains or renders, as `train` checks
+    its run folder (`convert` and `merge`: tests/test_convert.py). /proc refuses new folders."""
+    argv = {
+        "data": ["data", "--out", "/proc/forbidden/data"],
+        "tokenizer": ["tokenizer", SHAKESPEARE, "--out", "/proc/forbidden/tok", "--vocab-size", "300"],
+        "preprocess": ["preprocess", SHAKESPEARE, "--tokenizer", default_data / "tokenizer.model",
+                       "--out", "/proc/forbidden/train"],
+        "coordcheck": ["coordcheck", "proxy", "--widths", "64,128", "--out", "/proc/forbidden/coordcheck"],
+        "schedule": ["schedule", "proxy", "--plot", "/proc/forbidden/lr.png"],
+        "fit": ["fit", tmp_path / "results.csv", "--out", "/proc/forbidden/fit"],
+        "submit": ["submit", "proxy", "--cpu", "--nodes", "1", "--gpus-per-node", "1", "--dry-run",
+                   "--log-dir", "/proc/forbidden/logs"],
+    }[verb]
+    assert cli.main([str(a) for a in argv]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    option = {"schedule": "--plot", "submit": "--log-dir"}.get(verb, "--out")
+    assert line.startswith(f"error: {option}") and line.endswith("/proc is not writable (No such file or directory)")
+    assert captured.out == "" and list(tmp_path.iterdir()) == []
 
 
 def test_counts_accept_suffixes_and_scientific_notation():

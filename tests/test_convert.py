@@ -136,7 +136,7 @@ def _main(capsys, *args):
     return code, capsys.readouterr().err
 
 
-def test_bad_inputs_fail_with_one_line_and_write_nothing(exported, tmp_path, capsys):
+def test_bad_inputs_fail_with_one_line_and_write_nothing(trained, exported, tmp_path, capsys):
     hf_dir = exported["tp2-dense"][0]
     out = tmp_path / "out"
 
@@ -166,6 +166,13 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(exported, tmp_path, cap
 
     code, err = _main(capsys, "from-hf", tmp_path / "missing", out)
     assert code == 2 and "is not a directory" in err
+
+    # An output that cannot be created (/proc refuses new folders, even to root), both ways.
+    for direction, source in (("to-hf", trained["tp2-dense"][0] / "checkpoints"), ("from-hf", hf_dir)):
+        code, err = _main(capsys, direction, source, "/proc/forbidden/out")
+        assert code == 2 and err.splitlines() == [
+            "error: output directory /proc/forbidden/out cannot be written: /proc is not writable "
+            "(No such file or directory)"], err
 
 
 def test_truncated_checkpoint_fails_with_one_line_and_writes_nothing(trained, tmp_path, capsys):

@@ -221,3 +221,18 @@ def test_stage_two_past_one_epoch_of_stage_one_data_says_so(default_data, tmp_pa
         dist.destroy_process_group()
     assert (train.datasets[0].skip, train.datasets[0].epochs) == (25_000, 2)
     assert [dataset_key(p) for p in reordered(train)] == [corpus]
+
+
+@pytest.mark.parametrize("vocab_size,says", [(50_000, "this corpus gives at most"),
+                                             (100, "this corpus needs at least")], ids=["too-high", "too-low"])
+def test_a_vocabulary_the_corpus_cannot_fill_or_hold_is_one_line_naming_one_it_can(tmp_path, capsys, vocab_size, says):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n\nWhether 'tis nobler in the mind to suffer\n")
+    assert run_cli("tokenizer", corpus, "--out", tmp_path / "tok", "--vocab-size", vocab_size) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: --vocab-size {vocab_size}: {says} "), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]
+    # The size it names is one sentencepiece trains at.
+    named = int(line.split(says)[1].split()[0])
+    assert run_cli("tokenizer", corpus, "--out", tmp_path / "tok", "--vocab-size", named) == 0
+    assert (tmp_path / "tok.model").is_file()

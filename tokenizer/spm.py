@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+
+from megatron_power.errors import DataError
 
 # Fixed ids: <unk> 0, <s> 1, </s> 2 (end of document, Megatron's "eod"), <pad> 3 (never emitted
 # by encoding, so GPTDataset's padding mask cannot hide real tokens).
@@ -26,6 +29,30 @@ def train(sentences: Iterable[str], model_prefix: Path, vocab_size: int, model_t
     of `max_sentences` of them (reservoir sampling), so a large corpus is streamed, not loaded.
     `special_tokens` become pieces of their own, never split."""
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _train(sentences, model_prefix, vocab_size, model_type, max_sentences, special_tokens)
+    except RuntimeError as e:  # sentencepiece's checks, known only once it has read the corpus
+        error = _vocabulary_error(str(e), vocab_size)
+        if error is None:
+            raise
+        raise error from None
+    return model_prefix.with_suffix(".model")
+
+
+def _vocabulary_error(message: str, vocab_size: int):
+    """A one-line DataError for a vocabulary size the corpus cannot fill or hold, else None."""
+    too_high = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message)
+    if too_high:
+        return DataError(f"--vocab-size {vocab_size}: this corpus gives at most {too_high[1]} pieces "
+                         f"(expected a smaller vocabulary, or more text)")
+    too_low = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", message)
+    if too_low:
+        return DataError(f"--vocab-size {vocab_size}: this corpus needs at least {too_low[1]} pieces "
+                         f"(its characters and the special pieces)")
+    return None
+
+
+def _train(sentences, model_prefix, vocab_size, model_type, max_sentences, special_tokens) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_prefix=str(model_prefix),
@@ -46,4 +73,3 @@ def train(sentences: Iterable[str], model_prefix: Path, vocab_size: int, model_t
         user_defined_symbols=list(special_tokens),
         minloglevel=2,
     )
-    return model_prefix.with_suffix(".model")

@@ -4,14 +4,13 @@ Megatron, so they are imported only when a config names paths to check."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 from megatron_power.config.schema import NAME_PATTERN, Config, DataConfig, parse_blend, world_size_from_env
 from megatron_power.errors import ConfigError
 from megatron_power.training import batch_schedule, merge, schedule
+from megatron_power.writable import unwritable
 
 
 def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = True) -> List[str]:
@@ -163,24 +162,9 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
     errors += schedule.validate(c.schedule, t.tokens)
     if check_paths:
         errors += _validate_data(c.data, m.vocab_size)
-        problem = _unwritable(c.run_dir)
+        problem = unwritable(c.run_dir)
         need(problem is None, f"out_dir: cannot create the run folder {c.run_dir}: {problem}")
     return errors
-
-
-def _unwritable(folder: Path) -> Optional[str]:
-    """Why `folder` cannot be created or written to; None when it can. The nearest folder that
-    exists is tried with a probe folder of its own, removed at once: permissions alone say nothing
-    for root, a read-only mount or a pseudo file system such as /proc."""
-    folder = folder.absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        return f"{existing} is not a directory"
-    try:
-        shutil.rmtree(tempfile.mkdtemp(prefix=".write-probe-", dir=existing))
-    except OSError as e:
-        return f"{existing} is not writable ({e.strerror or e.__class__.__name__})"
-    return None
 
 
 def _validate_data(d: DataConfig, model_vocab: Optional[int]) -> List[str]:

@@ -8,14 +8,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from megatron_power.errors import ConversionError
+from megatron_power.writable import unwritable
 
 
 def check_writable(out: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output that exists and holds something (unless `overwrite`)."""
+    """Refuse, before any work, an output that exists and holds something (unless `overwrite`), or
+    one that cannot be written (it is staged beside itself)."""
     if out.exists() and not out.is_dir():
         raise ConversionError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConversionError(f"output directory {out} is not empty (choose a new one, or pass --overwrite)")
+    problem = unwritable(out.parent)
+    if problem:
+        raise ConversionError(f"output directory {out} cannot be written: {problem}")
 
 
 @contextmanager

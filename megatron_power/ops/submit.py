@@ -20,6 +20,7 @@ from typing import List, Optional
 
 from megatron_power.config import load_config
 from megatron_power.errors import ConfigError
+from megatron_power.writable import unwritable
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: recipes, runs, logs
 # A link to slurm/train.sbatch, so that the script reaches an installed package too.
@@ -73,6 +74,9 @@ def check(s: Submission) -> List[str]:
         errors.append("CONTAINER is empty (expected an image for pyxis, e.g. nvcr.io#nvidia/pytorch:26.06-py3)")
     if s.container_mounts and not s.container:
         errors.append("CONTAINER_MOUNTS given without CONTAINER (mounts belong to a container image)")
+    problem = unwritable(s.log_dir)
+    if problem:
+        errors.append(f"--log-dir {s.log_dir} (where the job's script and output go) cannot be written: {problem}")
     errors += [f"override '{o}' holds whitespace, which the SLURM script splits overrides on (write lists "
                f"without spaces, e.g. [1,2])" for o in s.overrides if len(o.split()) != 1]
     if errors:
