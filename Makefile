@@ -44,7 +44,7 @@ STOP_TIMEOUT ?= 900
 LAUNCH := $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) --shutdown-timeout $(STOP_TIMEOUT) -m megatron_power.cli
 endif
 
-.PHONY: setup setup-dev setup-plot data train submit sweep study convert test bench gpu-check constraints clean-venv
+.PHONY: setup setup-dev setup-plot data check-nproc train submit sweep study convert test bench gpu-check constraints clean-venv
 
 setup: $(VENV)/.installed-base
 setup-dev: $(VENV)/.installed-dev
@@ -77,7 +77,11 @@ $(VENV)/.installed-plot: pyproject.toml $(CONSTRAINTS) $(VENV)/.installed-base
 data: setup
 	$(MP) data
 
-train: setup
+# Checked before anything is installed: torchrun's own refusal of a bad NPROC is a traceback.
+check-nproc:
+	@case "$(NPROC)" in ''|*[!0-9]*|0*) echo "error: NPROC=$(NPROC) is not a number of processes (expected a positive whole number, e.g. NPROC=4)" >&2; exit 2;; esac
+
+train: check-nproc setup
 	$(MP) data
 	$(LAUNCH) train $(RECIPE) $(if $(SMOKE),--smoke) $(ARGS)
 

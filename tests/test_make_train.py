@@ -94,3 +94,14 @@ def test_make_refuses_a_venv_made_with_an_older_python(tmp_path):
     assert result.returncode != 0
     assert result.stderr.splitlines()[0].startswith(f"error: {venv} was made with Python 3.11"), result.stderr
     assert "make clean-venv" in result.stderr
+
+
+@pytest.mark.parametrize("nproc", ["four", "0"])
+def test_make_train_refuses_a_bad_nproc_in_one_line_before_installing(tmp_path, nproc):
+    venv = tmp_path / "venv"
+    result = subprocess.run(["make", "train", f"NPROC={nproc}", f"VENV={venv}"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode != 0
+    assert [line for line in result.stderr.splitlines() if not line.startswith("make")] == [
+        f"error: NPROC={nproc} is not a number of processes (expected a positive whole number, e.g. NPROC=4)"]
+    assert not venv.exists()
