@@ -48,6 +48,8 @@ def test_the_start_up_names_transformer_engine_and_warns_when_it_is_not_paired()
     with_te = hardware.decide(True, modules(hardware.TE_MODULE), installed)
     assert with_te.te_version == "2.20.2" and "Transformer Engine 2.20.2 layers" in with_te.describe()
     assert hardware.decide(True, modules(), installed).te_version == ""  # installed, but not usable
+    unknown = hardware.decide(True, modules(hardware.TE_MODULE), lambda name: "")  # no package metadata
+    assert "Transformer Engine layers" in unknown.describe() and hardware.unpaired_te_warning("") is None
     for paired in ("2.12.0", "2.20.2", "2.16.0+3f1a2b"):  # the last as a build from git
         assert hardware.unpaired_te_warning(paired) is None, paired
     for unpaired in ("2.11.0", "2.21.0.dev0+3f1a2b", "3.0.0"):

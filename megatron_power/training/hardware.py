@@ -60,7 +60,8 @@ class Hardware:
     def describe(self) -> str:
         if not self.cuda:
             return "CPU, fp32, Megatron's local layers"
-        layers = f"Transformer Engine {self.te_version} layers" if self.transformer_engine else \
+        te = " ".join(filter(None, ["Transformer Engine", self.te_version]))  # a TE without metadata: no version
+        layers = f"{te} layers" if self.transformer_engine else \
             "Megatron's local layers (Transformer Engine is not usable: no FP8, no grouped-GEMM experts)"
         return f"{self.gpus} x {self.gpu_name} ({self.gpu_memory_gib:.0f} GiB), bf16, {layers}"
 
