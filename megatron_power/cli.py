@@ -132,12 +132,16 @@ def _tokenizer(args) -> int:
 
     if args.vocab_size < 1:
         raise ConfigError(f"--vocab-size must be positive, got {args.vocab_size}")
+    special = [t for t in args.special_tokens.split(",") if t]
+    twice = sorted({t for t in special if special.count(t) > 1})
+    if twice:
+        raise ConfigError(f"--special-tokens: {', '.join(twice)} given more than once (each piece once)")
     paths = sources.check_inputs(args.inputs)
     require_writable(Path(args.out).absolute().parent, "--out", DataError)
     problems = sources.Problems(args.on_error)
     texts = sources.documents(paths, args.field, problems)
     model = spm.train(spm.paragraphs(texts), Path(args.out), args.vocab_size, args.model_type,
-                      args.max_sentences, [t for t in args.special_tokens.split(",") if t])
+                      args.max_sentences, special)
     print(f"wrote {model}")
     print("\n".join(problems.summary()))
     return 0
@@ -146,11 +150,14 @@ def _tokenizer(args) -> int:
 def _preprocess(args) -> int:
     from pathlib import Path
 
-    from tokenizer import preprocess, sources
+    from tokenizer import preprocess, sources, spm
 
     paths = sources.check_inputs(args.inputs)
     if not Path(args.tokenizer).is_file():
         raise DataError(f"--tokenizer {args.tokenizer}: no such file (expected a sentencepiece .model)")
+    spm.load(args.tokenizer)  # one line naming the file when it is not a sentencepiece model
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     if not 0 <= args.valid_fraction < 1:
         raise DataError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
     out = Path(args.out)

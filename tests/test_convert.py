@@ -167,6 +167,12 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(trained, exported, tmp_
     code, err = _main(capsys, "from-hf", tmp_path / "missing", out)
     assert code == 2 and "is not a directory" in err
 
+    ckpt = trained["tp2-dense"][0] / "checkpoints"
+    code, err = _main(capsys, "to-hf", ckpt, out, "--tokenizer", hf_dir / "config.json")
+    assert code == 2 and f"tokenizer: {hf_dir / 'config.json'} is not a sentencepiece model (" in err
+    code, err = _main(capsys, "to-hf", ckpt, out, "--tokenizer", tmp_path / "missing.model")
+    assert code == 2 and "(given by --tokenizer) does not exist" in err and not out.exists()
+
     # An output that cannot be created (/proc refuses new folders, even to root), both ways.
     for direction, source in (("to-hf", trained["tp2-dense"][0] / "checkpoints"), ("from-hf", hf_dir)):
         code, err = _main(capsys, direction, source, "/proc/forbidden/out")

@@ -111,14 +111,19 @@ def test_bad_input_stops_with_on_error_stop_and_writes_nothing(bad_corpus, token
 
 
 @pytest.mark.parametrize("args,message", [
-    (["missing.jsonl"], "missing.jsonl: no such file"),
-    (["notes.csv"], "notes.csv: unknown format"),
-])
-def test_bad_paths_fail_before_any_work(tokenizer, tmp_path, capsys, monkeypatch, args, message):
+    (["missing.jsonl", "--tokenizer", "TOKENIZER"], "missing.jsonl: no such file"),
+    (["notes.csv", "--tokenizer", "TOKENIZER"], "notes.csv: unknown format"),
+    (["notes.txt", "--tokenizer", "notes.txt"], "notes.txt is not a sentencepiece model ("),
+    (["notes.txt", "--tokenizer", "TOKENIZER", "--workers", "0"], "--workers must be at least 1, got 0"),
+], ids=["missing", "format", "not-a-tokenizer", "no-workers"])
+def test_bad_paths_and_options_fail_before_any_work(tokenizer, tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.csv").write_text("a,b\n")
-    assert run_cli("preprocess", *args, "--tokenizer", tokenizer, "--out", tmp_path / "out") == 2
-    assert message in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("To be, or not to be.\n")
+    args = [tokenizer if a == "TOKENIZER" else a for a in args]
+    assert run_cli("preprocess", *args, "--out", tmp_path / "out") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
     assert not (tmp_path / "out.bin").exists()
 
 
@@ -236,3 +241,13 @@ def test_a_vocabulary_the_corpus_cannot_fill_or_hold_is_one_line_naming_one_it_c
     named = int(line.split(says)[1].split()[0])
     assert run_cli("tokenizer", corpus, "--out", tmp_path / "tok", "--vocab-size", named) == 0
     assert (tmp_path / "tok.model").is_file()
+
+
+def test_a_special_token_given_twice_is_one_line_before_any_work(tmp_path, capsys):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("To be, or not to be.\n")
+    args = ["--out", tmp_path / "tok", "--vocab-size", 300, "--special-tokens", "<code>,<doc>,<code>"]
+    assert run_cli("tokenizer", corpus, *args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --special-tokens: <code> given more than once (each piece once)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]

@@ -15,6 +15,15 @@ from megatron_power.errors import DataError
 UNK, BOS, EOS, PAD = 0, 1, 2, 3
 
 
+def load(model_file) -> spm.SentencePieceProcessor:
+    """The sentencepiece model in `model_file`; a DataError (a ValueError) naming the file when it
+    is not one."""
+    try:
+        return spm.SentencePieceProcessor(model_file=str(model_file))
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"{model_file} is not a sentencepiece model ({str(e).splitlines()[0][:80]})") from None
+
+
 def paragraphs(texts: Iterable[str], max_chars: int = 4000) -> Iterator[str]:
     """Sentencepiece trains on 'sentences'; blocks of text separated by blank lines serve."""
     for text in texts:

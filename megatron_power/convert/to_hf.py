@@ -21,8 +21,9 @@ from megatron_power.config import Config, ParallelConfig, PrecisionConfig, from_
 from megatron_power.convert import granite, safetensors_shards
 from megatron_power.convert.output import check_writable, staged
 from megatron_power.convert.torch_dist import TorchDistCheckpoint
-from megatron_power.errors import CheckpointError, ConversionError
+from megatron_power.errors import CheckpointError, ConversionError, DataError
 from megatron_power.training import checkpoint
+from tokenizer.spm import load as load_sentencepiece
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Largest relative logit difference `--verify` accepts. Both models hold the same (rounded)
@@ -54,14 +55,16 @@ def open_checkpoint(ckpt: Path, tokenizer: Optional[Path] = None) -> Source:
     if tokenizer is None and hf_files.is_dir():
         vocab = config.model.vocab_size
         return Source(path, config, vocab, hf_files, None)
+    named = "given by --tokenizer" if tokenizer else "named by the checkpoint's config"
     tokenizer = Path(tokenizer or config.data.tokenizer)
+    advice = "pass --tokenizer PATH, the sentencepiece model the run trained with"
     if not tokenizer.is_file():
-        raise ConversionError(f"tokenizer {tokenizer} (named by the checkpoint's config) does not exist "
-                              f"(pass --tokenizer PATH, the sentencepiece model the run trained with)")
-    import sentencepiece as spm
-
-    vocab = config.model.vocab_size or spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
-    return Source(path, config, vocab, None, tokenizer)
+        raise ConversionError(f"tokenizer {tokenizer} ({named}) does not exist ({advice})")
+    try:
+        model = load_sentencepiece(tokenizer)
+    except DataError as e:
+        raise ConversionError(f"tokenizer: {e}; {advice}") from None
+    return Source(path, config, config.model.vocab_size or model.vocab_size(), None, tokenizer)
 
 
 def single_process(config: Config) -> Config:
@@ -105,9 +108,7 @@ def special_token_ids(source: Source) -> dict:
     if source.hf_files is not None:
         saved = json.loads((source.hf_files / "config.json").read_text())
         return {k: saved.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(source.tokenizer))
+    sp = load_sentencepiece(source.tokenizer)
     ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
     return {k: (v if v >= 0 else None) for k, v in ids.items()}
 

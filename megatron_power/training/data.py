@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
-import sentencepiece as spm
 import torch
 
 from megatron_power.config.schema import DEFAULT_DATA_DIR
-from tokenizer import corpus, preprocess
-from tokenizer import spm as spm_train
+from tokenizer import corpus, preprocess, spm
 
 MANIFEST = "manifest.json"
 
@@ -37,7 +35,7 @@ def build_default_data(out_dir: Path = DEFAULT_DATA_DIR, vocab_size: int = 8192,
     valid = [text for name, text in documents if corpus.is_validation(name)]
     print(f"corpus: {len(documents)} files of {corpus.CORPUS_FILE.name}, {len(train)} train / {len(valid)} validation")
 
-    model_file = spm_train.train(spm_train.paragraphs(train), out_dir / "tokenizer", vocab_size)
+    model_file = spm.train(spm.paragraphs(train), out_dir / "tokenizer", vocab_size)
     stats = {
         split: preprocess.write_indexed_dataset(texts, model_file, out_dir / split, workers=workers,
                                                 total=len(texts), desc=f"encode {split}")["train"]
@@ -81,10 +79,7 @@ class TokenizerInfo:
     @classmethod
     def from_sentencepiece(cls, model_file: str) -> "TokenizerInfo":
         """Raises ValueError naming the file when it is not a sentencepiece model."""
-        try:
-            sp = spm.SentencePieceProcessor(model_file=model_file)
-        except (OSError, RuntimeError) as e:
-            raise ValueError(f"{model_file} is not a sentencepiece model ({str(e).splitlines()[0][:80]})") from None
+        sp = spm.load(model_file)
         digest = hashlib.sha256(Path(model_file).read_bytes()).hexdigest()
         return cls(vocab_size=sp.vocab_size(), eod=sp.eos_id(), pad=sp.pad_id(), sha256=digest)
 
