@@ -29,6 +29,8 @@ BAD = [
     (["schedule.a=0"], 1, "schedule.a must be positive"),
     (["schedule.reference_seq_length=0"], 1, "schedule.reference_seq_length must be a positive number of tokens"),
     (["schedule.kind=triangle"], 1, "schedule.kind 'triangle' is unknown"),
+    # Accepted before: the run then failed at its first evaluation (a mean over no batches).
+    (["train.eval_batches=0"], 1, "train.eval_batches must be positive, got 0"),
     (["schedule.decay_shape=cubic"], 1, "schedule.decay_shape 'cubic' is unknown"),
     (["schedule.warmup=3M", "schedule.decay=2M"], 1, "exceed the token budget train.tokens (4,000,000)"),
     (["train.tokens=100"], 1, "train.tokens (100) is less than one step"),

@@ -27,7 +27,7 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
         need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
     for name in ("tp", "pp", "ep"):
         need(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
-    for name in ("global_batch_size", "micro_batch_size", "log_interval", "eval_interval", "tokens"):
+    for name in ("global_batch_size", "micro_batch_size", "log_interval", "eval_interval", "eval_batches", "tokens"):
         need(getattr(t, name) > 0, f"train.{name} must be positive, got {getattr(t, name)}")
     if errors:
         return errors
