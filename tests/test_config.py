@@ -31,6 +31,14 @@ BAD = [
     (["schedule.kind=triangle"], 1, "schedule.kind 'triangle' is unknown"),
     # Accepted before: the run then failed at its first evaluation (a mean over no batches).
     (["train.eval_batches=0"], 1, "train.eval_batches must be positive, got 0"),
+    # Accepted before, then a traceback at init (normal std < 0), at the optimizer (beta >= 1) or at
+    # the experts' build (width 0); a NaN std would have trained NaNs.
+    (["model.init_std=-1"], 1, "model.init_std must be positive, got -1.0"),
+    (["model.init_std=nan"], 1, "model.init_std must be positive, got nan"),
+    (["optim.beta1=1.5"], 1, "optim.beta1 must be in [0, 1), got 1.5"),
+    (["optim.weight_decay=-0.1"], 1, "optim.weight_decay must be >= 0, got -0.1"),
+    (["model.num_experts=4", "model.moe_ffn_hidden_size=0"], 1,
+     "model.moe_ffn_hidden_size (0) must be set, positive and divisible by parallel.tp (1)"),
     (["schedule.decay_shape=cubic"], 1, "schedule.decay_shape 'cubic' is unknown"),
     (["schedule.warmup=3M", "schedule.decay=2M"], 1, "exceed the token budget train.tokens (4,000,000)"),
     (["train.tokens=100"], 1, "train.tokens (100) is less than one step"),

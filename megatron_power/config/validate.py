@@ -4,6 +4,7 @@ Megatron, so they are imported only when a config names paths to check."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -32,6 +33,17 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
     if errors:
         return errors
 
+    # Values torch or Megatron would take and fail on later (at init, at the first step), or
+    # train with to no purpose.
+    for name in ("init_std", "norm_epsilon", "rotary_base"):
+        need(0 < getattr(m, name) < math.inf, f"model.{name} must be positive, got {getattr(m, name)}")
+    o = c.optim
+    for name in ("beta1", "beta2"):
+        need(0 <= getattr(o, name) < 1, f"optim.{name} must be in [0, 1), got {getattr(o, name)}")
+    need(0 < o.eps < math.inf, f"optim.eps must be positive, got {o.eps}")
+    need(0 <= o.weight_decay < math.inf, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    need(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
+
     groups = m.num_query_groups or m.num_attention_heads
     need(m.hidden_size % m.num_attention_heads == 0,
          f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads ({m.num_attention_heads})")
@@ -51,8 +63,11 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
              f"model.num_experts ({m.num_experts}) must be divisible by parallel.ep ({p.ep})")
         need(1 <= m.moe_topk <= m.num_experts,
              f"model.moe_topk ({m.moe_topk}) must be between 1 and model.num_experts ({m.num_experts})")
-        need(m.moe_ffn_hidden_size is not None and m.moe_ffn_hidden_size % p.tp == 0,
-             f"model.moe_ffn_hidden_size ({m.moe_ffn_hidden_size}) must be set and divisible by parallel.tp ({p.tp})")
+        need(m.moe_ffn_hidden_size is not None and m.moe_ffn_hidden_size > 0 and m.moe_ffn_hidden_size % p.tp == 0,
+             f"model.moe_ffn_hidden_size ({m.moe_ffn_hidden_size}) must be set, positive and divisible by "
+             f"parallel.tp ({p.tp})")
+        need(0 <= m.moe_aux_loss_coeff < math.inf,
+             f"model.moe_aux_loss_coeff must be >= 0, got {m.moe_aux_loss_coeff}")
         need(p.tp == 1 or p.sequence_parallel,
              "MoE with parallel.tp > 1 needs parallel.sequence_parallel=true (Megatron-Core requires it)")
     need(not p.sequence_parallel or m.seq_length % p.tp == 0,
