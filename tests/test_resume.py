@@ -84,6 +84,11 @@ def test_run_killed_again_and_again_ends_with_the_uninterrupted_losses(default_d
     rows = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(rows) == STEPS
 
+    # A finished run started again says so and changes nothing.
+    again = run_train(tmp_path, "whole", OVERRIDES)
+    assert f"nothing to train: whole has seen {STEPS * TOKENS_PER_STEP:,} tokens" in again.stdout, again.stdout
+    assert metrics(tmp_path / "whole") == (expected_train, expected_valid)
+
 
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_stop_the_run(default_data, tmp_path):

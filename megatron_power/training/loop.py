@@ -216,6 +216,9 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
             checkpoint.save(ckpt_dir, state.step, model, optimizer,
                             {"train_state": asdict(state), "config": to_yaml(config)}, config.checkpoint.keep)
 
+    if state.consumed_tokens + batch * seq > t.tokens:  # a finished run started again, or a smaller budget
+        log.info(f"nothing to train: {config.name} has seen {state.consumed_tokens:,} tokens, and another step "
+                 f"({batch * seq:,} tokens) would pass train.tokens ({t.tokens:,}); a larger train.tokens trains on")
     # The budget is in tokens, so a run resumed with another batch size ends where it should.
     while state.consumed_tokens + batch * seq <= t.tokens:
         if graphs and graphs.before_step(batch):
