@@ -169,13 +169,21 @@ def test_unreadable_recipe_is_refused_in_one_line(tmp_path, text, message):
     assert len(str(err.value).splitlines()) == 1 and message in str(err.value), str(err.value)
 
 
-def test_unreadable_sweep_spec_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("text,message", [
+    ("name: x\ngrid: {a: [1, 2\n", "YAML syntax error at line"),
+    ("name: x\ngrid: []\n", "grid: expected keys, each with a list of values (e.g. schedule.lr_max: [0.005, 0.01]), "
+                            "got []"),  # was OmegaConf's TypeError
+    ("name: x\neval_sequences: -8\ngrid: {schedule.lr_max: [0.01]}\n", "eval_sequences must be positive, got -8"),
+], ids=["syntax", "grid-a-list", "eval-sequences"])
+def test_unreadable_sweep_spec_is_refused_in_one_line(tmp_path, text, message):
     from megatron_power.science.sweep import load_spec
 
     spec = tmp_path / "bad.yaml"
-    spec.write_text("name: x\ngrid: {a: [1, 2\n")
-    with pytest.raises(ConfigError, match=r"sweep spec .*bad.yaml: YAML syntax error at line"):
+    spec.write_text(text)
+    with pytest.raises(ConfigError) as err:
         load_spec(str(spec))
+    (line,) = str(err.value).splitlines()
+    assert line.startswith(f"sweep spec {spec}: ") and message in line, line
 
 
 def _damaged_data(default_data, tmp_path, damage):

@@ -107,8 +107,12 @@ def _spec_node(path: Path, seen: Tuple[Path, ...] = ()):
 
 def load_spec(spec: str) -> SweepSpec:
     path = spec_path(spec)
+    node = _spec_node(path)
+    if "grid" in node and not OmegaConf.is_dict(node.grid):  # OmegaConf's merge raises a TypeError
+        raise ConfigError(f"sweep spec {path}: grid: expected keys, each with a list of values "
+                          f"(e.g. schedule.lr_max: [0.005, 0.01]), got {OmegaConf.to_container(node)['grid']!r}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(SweepSpec), _spec_node(path))
+        merged = OmegaConf.merge(OmegaConf.structured(SweepSpec), node)
     except OmegaConfBaseException as e:
         raise ConfigError(f"sweep spec {path}: {getattr(e, 'full_key', '') or ''}: {omegaconf_message(e)} "
                           f"(expected keys: extends, name, recipe, overrides, grid, jobs, threads, eval_sequences, "
@@ -120,6 +124,8 @@ def load_spec(spec: str) -> SweepSpec:
         problems.append("grid is empty (expected e.g. schedule.lr_max: [0.005, 0.01, 0.02])")
     if not NAME_PATTERN.fullmatch(s.name):
         problems.append(f"name '{s.name}' must be letters, digits, '.', '_' or '-' (it names the sweep directory)")
+    if s.eval_sequences is not None and s.eval_sequences < 1:
+        problems.append(f"eval_sequences must be positive, got {s.eval_sequences}")
     if s.threads < 1 or (s.jobs is not None and s.jobs < 1):
         problems.append(f"jobs and threads must be at least 1, got jobs={s.jobs} threads={s.threads}")
     if problems:
