@@ -186,6 +186,18 @@ def test_unreadable_sweep_spec_is_refused_in_one_line(tmp_path, text, message):
     assert line.startswith(f"sweep spec {spec}: ") and message in line, line
 
 
+def test_a_sweep_point_with_a_batch_of_zero_is_refused_in_one_line(tmp_path):
+    """With eval_sequences set, the batch divides it for each point's eval_batches: a batch of 0
+    was a ZeroDivisionError before the points were checked."""
+    from megatron_power.science import sweep
+
+    spec = tmp_path / "zero.yaml"
+    spec.write_text(f"name: zero\nout_dir: {tmp_path}\neval_sequences: 64\ngrid: {{train.global_batch_size: [0, 16]}}\n")
+    with pytest.raises(ConfigError) as err:
+        sweep.check(sweep.load_spec(str(spec)), check_paths=False)
+    assert str(err.value).splitlines() == ["train.global_batch_size must be positive, got 0 (bs0)"]
+
+
 def _damaged_data(default_data, tmp_path, damage):
     """A copy of the default corpus with one thing wrong; the overrides that point a run at it."""
     data = tmp_path / "data"

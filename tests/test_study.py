@@ -166,9 +166,10 @@ def test_study_submits_its_first_stage_as_a_slurm_array(default_data, tmp_path):
 
 def test_bad_study_spec_is_refused_in_one_line_per_problem(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("lrs: [0.01]\nfit: {tokens: [8K], batch: [8]}\ncompare: {tokens: [8K], batch: [8]}\n")
+    path.write_text("lrs: [0.01]\nfit: {tokens: [8K], batch: [8]}\ncompare: {tokens: [8K], batch: [8]}\nbest_batches: 0\n")
     result = subprocess.run(command("study", str(path)), cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert "lrs: expected two learning rates or more" in result.stderr
     assert "fit.tokens: expected two token budgets or more to fit b on, got ['8K']" in result.stderr
     assert "compare: every cell is inside the fit region" in result.stderr
+    assert "best_batches: expected at least 1 (the batch sizes per budget the fit of gamma keeps), got 0" in result.stderr

@@ -94,6 +94,9 @@ def load_spec(spec: str) -> StudySpec:
         problems.append(f"lrs: expected two learning rates or more to tune WSD and cosine on, got {s.lrs}")
     if not s.seeds:
         problems.append("seeds: expected at least one seed")
+    if s.best_batches < 1:
+        problems.append(f"best_batches: expected at least 1 (the batch sizes per budget the fit of gamma keeps), "
+                        f"got {s.best_batches}")
     try:
         fit_cells, compare_cells = s.fit.cells(), s.compare.cells()
     except ConfigError as e:

@@ -172,6 +172,7 @@ def points(spec: SweepSpec) -> List[Point]:
                     load_config(spec.recipe, overrides, check_paths=False).train.global_batch_size
             except (ConfigError, ValueError):
                 batch = spec.eval_sequences  # the point is refused by check(), with its problem
+            batch = batch if batch > 0 else spec.eval_sequences  # as is a batch of 0
             if spec.eval_sequences % batch:
                 raise ConfigError(f"sweep eval_sequences ({spec.eval_sequences}) must be a multiple of every "
                                   f"batch size; {batch} does not divide it")
