@@ -42,6 +42,14 @@ for _logger, _prefix in _ENGINE_NOTICES.items():
     logging.getLogger(_logger).addFilter(lambda record, prefix=_prefix: not record.getMessage().startswith(prefix))
 
 
+def _at_least_one(args, *options: str) -> None:
+    """One line for the first of these numeric options (e.g. "--gpus") below 1."""
+    for option in options:
+        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        if not value >= 1:
+            raise ConfigError(f"{option} must be at least 1, got {value}")
+
+
 def _train(args) -> int:
     from megatron_power.training.signals import StopRequest
 
@@ -87,6 +95,7 @@ def _schedule(args) -> int:
     from megatron_power.config import load_config, parse_count
     from megatron_power.training.schedule import power_law_note, schedule_table
 
+    _at_least_one(args, "--world-size")
     config = load_config(args.recipe, args.overrides, args.world_size, check_paths=False)
     if args.plot:
         require_writable(Path(args.plot).parent, "--plot")
@@ -115,8 +124,7 @@ def _data(args) -> int:
     out = Path(args.out)
     existed = (out / MANIFEST).is_file()
     if not existed:
-        if args.vocab_size < 1:
-            raise ConfigError(f"--vocab-size must be positive, got {args.vocab_size}")
+        _at_least_one(args, "--vocab-size")
         require_writable(out, "--out", DataError)
     manifest = build_default_data(out, vocab_size=args.vocab_size)
     state = "present" if existed else "built"
@@ -130,8 +138,7 @@ def _tokenizer(args) -> int:
 
     from tokenizer import sources, spm
 
-    if args.vocab_size < 1:
-        raise ConfigError(f"--vocab-size must be positive, got {args.vocab_size}")
+    _at_least_one(args, "--vocab-size")
     special = [t for t in args.special_tokens.split(",") if t]
     twice = sorted({t for t in special if special.count(t) > 1})
     if twice:
@@ -156,8 +163,7 @@ def _preprocess(args) -> int:
     if not Path(args.tokenizer).is_file():
         raise DataError(f"--tokenizer {args.tokenizer}: no such file (expected a sentencepiece .model)")
     spm.load(args.tokenizer)  # one line naming the file when it is not a sentencepiece model
-    if args.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    _at_least_one(args, "--workers")
     if not 0 <= args.valid_fraction < 1:
         raise DataError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
     out = Path(args.out)
@@ -187,6 +193,7 @@ def _coordcheck(args) -> int:
     from megatron_power.config import load_config
     from megatron_power.science import coordcheck
 
+    _at_least_one(args, "--steps")
     option, given = ("--depths", args.depths) if args.depths else ("--widths", args.widths)
     try:
         sizes = sorted({int(w) for w in given.split(",")})
@@ -222,6 +229,7 @@ def _plan(args) -> int:
     from megatron_power.config import load_config
     from megatron_power.ops import plan
 
+    _at_least_one(args, "--gpus", "--gpu-memory")
     config = load_config(args.recipe, args.overrides, args.gpus, check_paths=False)
     vocab = config.model.vocab_size
     if vocab is None:
@@ -234,6 +242,7 @@ def _plan(args) -> int:
 def _config(args) -> int:
     from megatron_power.config import load_config, to_yaml
 
+    _at_least_one(args, "--world-size")
     print(to_yaml(load_config(args.recipe, args.overrides, args.world_size, check_paths=False)), end="")
     return 0
 
@@ -253,9 +262,12 @@ def _submit(args) -> int:
 
 
 def _sweep(args) -> int:
-
     from megatron_power.science import sweep
 
+    if args.plan:
+        _at_least_one(args, "--peak-tflops")
+        if not 0 < args.mfu <= 1:
+            raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
     spec = sweep.load_spec(args.spec)
     if args.jobs:
         spec.jobs = args.jobs
@@ -377,8 +389,7 @@ def _fit(args) -> int:
     from megatron_power.science import fit
 
     results = Path(args.results)
-    if args.best_batches < 1:
-        raise ConfigError(f"--best-batches must be at least 1, got {args.best_batches}")
+    _at_least_one(args, "--best-batches")
     out = Path(args.out) if args.out else results.parent
     require_writable(out, "--out")
     print("\n".join(fit.run(results, out, args.best_batches)))

@@ -146,6 +146,23 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(default_da
     assert captured.out == "" and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv,line", [
+    (["plan", "dense3b", "--gpus", "0"], "--gpus must be at least 1, got 0"),  # was a ZeroDivisionError
+    (["plan", "dense3b", "--gpu-memory", "-1"], "--gpu-memory must be at least 1, got -1.0"),
+    (["config", "proxy", "--world-size", "0"], "--world-size must be at least 1, got 0"),
+    (["coordcheck", "proxy", "--steps", "0"], "--steps must be at least 1, got 0"),  # was an IndexError
+    (["sweep", "proxy_lr_batch", "--plan", "--mfu", "0"], "--mfu must be in (0, 1], got 0.0"),
+    (["tokenizer", SHAKESPEARE, "--out", "OUT/tok", "--vocab-size", "0"], "--vocab-size must be at least 1, got 0"),
+    (["submit", "proxy", "--cpu", "--nodes", "1", "--gpu-memory", "0", "--dry-run"],
+     "GPU_MEMORY must be positive (GiB per GPU), got 0"),
+], ids=["plan-gpus", "plan-memory", "config-world", "coordcheck-steps", "sweep-mfu", "tokenizer-vocab", "submit-memory"])
+def test_a_numeric_option_out_of_range_is_one_line_before_any_work(tmp_path, capsys, argv, line):
+    assert cli.main([str(a).replace("OUT", str(tmp_path)) for a in argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [f"error: {line}"] and captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_counts_accept_suffixes_and_scientific_notation():
     assert parse_count("250B") == 250 * 10**9
     assert parse_count("1.5T") == 15 * 10**11

@@ -66,6 +66,8 @@ def check(s: Submission) -> List[str]:
         errors.append(f"NODES must be at least 1, got {s.nodes}")
     if s.gpus_per_node < 1:
         errors.append(f"GPUS_PER_NODE must be at least 1, got {s.gpus_per_node}")
+    if not s.gpu_memory > 0:
+        errors.append(f"GPU_MEMORY must be positive (GiB per GPU), got {s.gpu_memory:g}")
     if s.time is not None and not TIME_FORMAT.fullmatch(s.time):
         errors.append(f"TIME '{s.time}' is not a SLURM time limit (expected minutes, HH:MM:SS or D-HH:MM:SS)")
     elif s.time is not None and time_limit_seconds(s.time) <= s.signal_lead:
