@@ -39,7 +39,26 @@ def train(sentences: Iterable[str], model_prefix: Path, vocab_size: int, model_t
     `special_tokens` become pieces of their own, never split."""
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _train(sentences, model_prefix, vocab_size, model_type, max_sentences, special_tokens)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_prefix=str(model_prefix),
+            vocab_size=vocab_size,
+            model_type=model_type,
+            unk_id=UNK, bos_id=BOS, eos_id=EOS, pad_id=PAD,
+            # Code and prose keep their whitespace; unknown characters fall back to bytes.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            byte_fallback=True,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            seed_sentencepiece_size=200_000,
+            max_sentence_length=8192,
+            num_threads=2,
+            user_defined_symbols=list(special_tokens),
+            minloglevel=2,
+        )
     except RuntimeError as e:  # sentencepiece's checks, known only once it has read the corpus
         error = _vocabulary_error(str(e), vocab_size)
         if error is None:
@@ -59,26 +78,3 @@ def _vocabulary_error(message: str, vocab_size: int):
         return DataError(f"--vocab-size {vocab_size}: this corpus needs at least {too_low[1]} pieces "
                          f"(its characters and the special pieces)")
     return None
-
-
-def _train(sentences, model_prefix, vocab_size, model_type, max_sentences, special_tokens) -> None:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_prefix=str(model_prefix),
-        vocab_size=vocab_size,
-        model_type=model_type,
-        unk_id=UNK, bos_id=BOS, eos_id=EOS, pad_id=PAD,
-        # Code and prose keep their whitespace; unknown characters fall back to bytes.
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        byte_fallback=True,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        seed_sentencepiece_size=200_000,
-        max_sentence_length=8192,
-        num_threads=2,
-        user_defined_symbols=list(special_tokens),
-        minloglevel=2,
-    )

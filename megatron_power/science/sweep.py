@@ -171,12 +171,12 @@ def points(spec: SweepSpec) -> List[Point]:
                 batch = int(values["train.global_batch_size"]) if "train.global_batch_size" in values else \
                     load_config(spec.recipe, overrides, check_paths=False).train.global_batch_size
             except (ConfigError, ValueError):
-                batch = spec.eval_sequences  # the point is refused by check(), with its problem
-            batch = batch if batch > 0 else spec.eval_sequences  # as is a batch of 0
-            if spec.eval_sequences % batch:
-                raise ConfigError(f"sweep eval_sequences ({spec.eval_sequences}) must be a multiple of every "
-                                  f"batch size; {batch} does not divide it")
-            overrides.append(f"train.eval_batches={spec.eval_sequences // batch}")
+                batch = 0
+            if batch > 0:  # else the point is refused by check(), with its problem
+                if spec.eval_sequences % batch:
+                    raise ConfigError(f"sweep eval_sequences ({spec.eval_sequences}) must be a multiple of every "
+                                      f"batch size; {batch} does not divide it")
+                overrides.append(f"train.eval_batches={spec.eval_sequences // batch}")
         name = "_".join(f"{ABBREVIATIONS.get(k, k.split('.')[-1])}{_format(v)}" for k, v in values.items())
         result.append(Point(index, as_name(name), values, overrides))
     return result

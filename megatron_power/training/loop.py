@@ -191,7 +191,7 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     for message in messages:
         log.info(message)
     log.info(f"hardware: {rt.hardware.describe()}")
-    unpaired = rt.hardware.transformer_engine and hardware.unpaired_te_warning(rt.hardware.te_version)
+    unpaired = hardware.unpaired_te_warning(rt.hardware.te_version)  # te_version is empty without TE
     if unpaired:
         log.info(unpaired)
     log.startup(clock)
