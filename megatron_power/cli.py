@@ -194,7 +194,10 @@ def _coordcheck(args) -> int:
     from megatron_power.science import coordcheck
 
     _at_least_one(args, "--steps")
-    option, given = ("--depths", args.depths) if args.depths else ("--widths", args.widths)
+    if args.widths and args.depths:
+        raise ConfigError("--widths and --depths: give one (a check against width, or against depth at the "
+                          "recipe's width)")
+    option, given = ("--depths", args.depths) if args.depths else ("--widths", args.widths or "64,128,256,512")
     try:
         sizes = sorted({int(w) for w in given.split(",")})
     except ValueError:
@@ -523,7 +526,7 @@ def parser() -> argparse.ArgumentParser:
 
     coord = _recipe_verb(verbs, "coordcheck", _coordcheck,
                          "muP coordinate check: activation RMS against width, or against depth (--depths)")
-    coord.add_argument("--widths", default="64,128,256,512")
+    coord.add_argument("--widths", help="e.g. 64,128,256,512 (the default): against width")
     coord.add_argument("--depths", help="e.g. 2,4,8,16: against depth at the recipe's width, with and without "
                                         "mup.depth_alpha (default 1, CompleteP) on a base of the smallest")
     coord.add_argument("--steps", type=int, default=5)

@@ -23,6 +23,9 @@ BAD = [
     (["trian.tokens=1M"], 1, "unknown key 'trian"),
     (["model.num_layers=four"], 1, "model.num_layers"),
     (["train.tokens=lots"], 1, "train.tokens: 'lots' is not a count"),
+    # Said "is not a whole number" and "Incompatible value 'None' for field of type 'str'".
+    (["schedule.decay=1.5"], 1, "schedule.decay: '1.5' is neither a whole count of tokens nor a fraction below 1"),
+    (["out_dir="], 1, "override: out_dir: needs a value, got none"),
     (["data.train=[missing/prefix]"], 1, "data.train: missing/prefix.bin/.idx not found"),
     (["data.tokenizer=nowhere.model"], 1, "data.tokenizer: nowhere.model not found"),
     (["schedule.b=0.5"], 1, "schedule.b must be negative"),
@@ -155,8 +158,11 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(default_da
     (["tokenizer", SHAKESPEARE, "--out", "OUT/tok", "--vocab-size", "0"], "--vocab-size must be at least 1, got 0"),
     (["submit", "proxy", "--cpu", "--nodes", "1", "--gpu-memory", "0", "--dry-run"],
      "GPU_MEMORY must be positive (GiB per GPU), got 0"),
-], ids=["plan-gpus", "plan-memory", "config-world", "coordcheck-steps", "sweep-mfu", "tokenizer-vocab", "submit-memory"])
-def test_a_numeric_option_out_of_range_is_one_line_before_any_work(tmp_path, capsys, argv, line):
+    (["coordcheck", "proxy", "--widths", "64,128", "--depths", "2,4"],  # --depths won silently
+     "--widths and --depths: give one (a check against width, or against depth at the recipe's width)"),
+], ids=["plan-gpus", "plan-memory", "config-world", "coordcheck-steps", "sweep-mfu", "tokenizer-vocab", "submit-memory",
+        "coordcheck-both"])
+def test_an_option_out_of_range_or_in_conflict_is_one_line_before_any_work(tmp_path, capsys, argv, line):
     assert cli.main([str(a).replace("OUT", str(tmp_path)) for a in argv]) == 2
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines() == [f"error: {line}"] and captured.out == ""

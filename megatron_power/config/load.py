@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from megatron_power.config.schema import RECIPES_DIR, TOKEN_FIELDS, Config, DataConfig, parse_count
 from megatron_power.config.validate import validate
@@ -59,7 +59,10 @@ def load_yaml(path: Path, what: str):
 
 
 def omegaconf_message(err: OmegaConfBaseException) -> str:
-    """The first line of an OmegaConf error (some carry their text only in str())."""
+    """The first line of an OmegaConf error (some carry their text only in str()). An empty
+    override (`out_dir=`) reaches a required field as None, which OmegaConf calls an incompatible value."""
+    if isinstance(err, ValidationError) and getattr(err, "value", 0) is None:
+        return "needs a value, got none"
     return (err.msg or str(err) or err.__class__.__name__).splitlines()[0]
 
 

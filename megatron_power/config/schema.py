@@ -294,7 +294,7 @@ def parse_count(text):
     if value < 1 and not m.group(2):
         return value
     if value != int(value):
-        raise ValueError(f"'{text}' is not a whole number")
+        raise ValueError(f"'{text}' is neither a whole count of tokens nor a fraction below 1")
     return int(value)
 
 
