@@ -81,7 +81,9 @@ data: setup
 check-nproc:
 	@case "$(NPROC)" in ''|*[!0-9]*|0*) echo "error: NPROC=$(NPROC) is not a number of processes (expected a positive whole number, e.g. NPROC=4)" >&2; exit 2;; esac
 
+# The recipe and overrides are checked (for NPROC processes) before the default data is built.
 train: check-nproc setup
+	@$(MP) config $(RECIPE) --world-size $(NPROC) $(if $(SMOKE),--smoke) $(ARGS) > /dev/null
 	$(MP) data
 	$(LAUNCH) train $(RECIPE) $(if $(SMOKE),--smoke) $(ARGS)
 

@@ -246,7 +246,7 @@ def _config(args) -> int:
     from megatron_power.config import load_config, to_yaml
 
     _at_least_one(args, "--world-size")
-    print(to_yaml(load_config(args.recipe, args.overrides, args.world_size, check_paths=False)), end="")
+    print(to_yaml(load_config(args.recipe, args.overrides, args.world_size, check_paths=False, smoke=args.smoke)), end="")
     return 0
 
 
@@ -475,8 +475,8 @@ def parser() -> argparse.ArgumentParser:
     verbs = p.add_subparsers(dest="verb", required=True)
 
     train = _recipe_verb(verbs, "train", _train, "train a recipe (under torchrun for several processes)")
-    train.add_argument("--smoke", action="store_true",
-                       help="the recipe shrunk to CPU size, same structure and layout kinds (parallel sizes capped at 2)")
+    smoke_help = "the recipe shrunk to CPU size, same structure and layout kinds (parallel sizes capped at 2)"
+    train.add_argument("--smoke", action="store_true", help=smoke_help)
 
     _recipe_verb(verbs, "eval", _eval, "validation loss of the weights of checkpoint.init_from, in the "
                  "recipe's layout (under torchrun for several processes)")
@@ -590,6 +590,7 @@ def parser() -> argparse.ArgumentParser:
 
     config = _recipe_verb(verbs, "config", _config, "print a recipe with overrides applied, after validation")
     config.add_argument("--world-size", type=int, default=1)
+    config.add_argument("--smoke", action="store_true", help=smoke_help)
     config.formatter_class = argparse.RawDescriptionHelpFormatter
     config.epilog = _recipe_fields()
     return p
