@@ -8,8 +8,9 @@ import time
 
 import psutil
 import pytest
+from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
-from helpers import ROOT, SMALL, TOKENS_PER_STEP, command, metrics, run_train
+from helpers import ROOT, SMALL, TOKENS_PER_STEP, command, metrics, records, run_train
 from megatron_power.training import checkpoint
 
 STEPS = 24
@@ -75,7 +76,7 @@ def test_run_killed_again_and_again_ends_with_the_uninterrupted_losses(default_d
     assert kills == 4, "the run finished before it was killed four times"
 
     resumed = run_train(tmp_path, "chaos", OVERRIDES + ["checkpoint.interval=2"])
-    assert "resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "settings changed" not in resumed.stdout, resumed.stdout
     train, valid = metrics(run)
     # Exactly equal on CPU: same data order, same weights and optimizer state, same arithmetic.
     assert train == expected_train
@@ -88,6 +89,20 @@ def test_run_killed_again_and_again_ends_with_the_uninterrupted_losses(default_d
     again = run_train(tmp_path, "whole", OVERRIDES)
     assert f"nothing to train: whole has seen {STEPS * TOKENS_PER_STEP:,} tokens" in again.stdout, again.stdout
     assert metrics(tmp_path / "whole") == (expected_train, expected_valid)
+
+    # Trained on for 2 steps with another peak lr and beta2 (meant, or a mistyped override): it
+    # loaded (Megatron pairs optimizer groups by their lr range, and failed on a new one), says what
+    # changed, and its optimizer runs the new settings (Megatron keeps the checkpoint's betas).
+    longer = [f"train.tokens={(STEPS + 2) * TOKENS_PER_STEP}", "schedule.lr_max=0.03", "optim.beta2=0.98"]
+    more = run_train(tmp_path, "whole", OVERRIDES + longer)
+    assert (f"settings changed since the checkpoint of step {STEPS}, this run uses the new ones: train.tokens "
+            f"{STEPS * TOKENS_PER_STEP} -> {(STEPS + 2) * TOKENS_PER_STEP}; optim.beta2 0.95 -> 0.98; "
+            f"schedule.lr_max 0.04 -> 0.03\n") in more.stdout, more.stdout
+    (last_lr,) = [r["lr"] for r in records(tmp_path / "whole", "lr") if r["step"] == STEPS + 2]
+    groups = load_common_state_dict(str(tmp_path / "whole" / "checkpoints" / f"iter_{STEPS + 2:07d}"))
+    groups = groups["optimizer"]["param_groups"]
+    assert {(g["max_lr"], g["betas"]) for g in groups} == {(0.03, (0.9, 0.98))}, groups
+    assert [g["lr"] for g in groups] == pytest.approx([last_lr * g["lr_mult"] for g in groups], rel=1e-12)
 
 
 @pytest.mark.slow

@@ -335,6 +335,20 @@ def from_yaml(text: str) -> Config:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
 
 
+def setting_changes(old: Config, new: Config) -> List[str]:
+    """'key old -> new' for every recipe setting in which `new` differs from `old`."""
+    def flat(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    before = dict(flat(OmegaConf.to_container(OmegaConf.structured(old))))
+    return [f"{key} {before.get(key)} -> {value}" for key, value in flat(OmegaConf.to_container(OmegaConf.structured(new)))
+            if before.get(key) != value]
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

@@ -23,6 +23,7 @@ from typing import List, Optional, Tuple
 
 import torch.distributed as dist
 
+from megatron_power.config.schema import from_yaml
 from megatron_power.errors import CheckpointError
 
 LATEST = "latest"
@@ -233,8 +234,28 @@ def load(path: Path, model, optimizer) -> dict:
     if wrong:
         raise CheckpointError(f"{path} does not match this model: {', '.join(wrong[:5])}")
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer(optimizer, loaded["optimizer"], from_yaml(loaded["state"]["config"]).schedule)
     return loaded["state"]
+
+
+# The parameter-group settings a recipe decides (lr and weight decay are set by the schedule at every step).
+RECIPE_GROUP_SETTINGS = ("max_lr", "min_lr", "betas", "eps")
+
+
+def _load_optimizer(optimizer, state_dict, saved_schedule) -> None:
+    """Adam's state from a checkpoint, under this run's settings. Megatron pairs the saved parameter
+    groups with the current ones by their settings, max_lr and min_lr among them, and then keeps the
+    saved groups' settings: a run resumed with another schedule.lr_max would not load, and one with
+    another optim.beta2 would keep the old one unsaid. So the groups are paired under the
+    checkpoint's lr range, and then given this run's settings back."""
+    groups = optimizer.param_groups
+    settings = [{k: g[k] for k in RECIPE_GROUP_SETTINGS if k in g} for g in groups]
+    for group in groups:
+        group["max_lr"], group["min_lr"] = saved_schedule.lr_max, saved_schedule.min_lr
+    optimizer.load_state_dict(state_dict)
+    # Megatron returns the loaded groups in the order of the current ones.
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
 
 
 def saved_state(path: Path) -> dict:

@@ -12,6 +12,7 @@ from megatron_power.config.schema import (
     from_yaml,
     model_vocab_size,
     parse_blend,
+    setting_changes,
     to_yaml,
     world_size_from_env,
 )
@@ -93,10 +94,15 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
     fresh. Returns the state and the lines to log."""
     own, notes = checkpoint.newest(config.checkpoint_dir)
     if own is not None:
-        check_same_model(f"{own} (this run's checkpoint)", from_yaml(checkpoint.saved_state(own)["config"]),
-                          config, vocab_size)
+        saved = from_yaml(checkpoint.saved_state(own)["config"])
+        check_same_model(f"{own} (this run's checkpoint)", saved, config, vocab_size)
         state = TrainState(**checkpoint.load(own, model, optimizer)["train_state"])
-        return state, notes + [f"resumed from {own} at step {state.step} ({state.consumed_tokens:,} tokens)"]
+        notes.append(f"resumed from {own} at step {state.step} ({state.consumed_tokens:,} tokens)")
+        changes = setting_changes(saved, config)
+        if changes:  # a changed override may be meant (a longer run, a lower lr) or forgotten: say which
+            notes.append(f"settings changed since the checkpoint of step {state.step}, this run uses the new ones: "
+                         + "; ".join(changes))
+        return state, notes
     if config.checkpoint.init_from is None:
         t = config.train
         if t.batch_schedule is None:
