@@ -95,7 +95,8 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
     own, notes = checkpoint.newest(config.checkpoint_dir)
     if own is not None:
         saved = from_yaml(checkpoint.saved_state(own)["config"])
-        check_same_model(f"{own} (this run's checkpoint)", saved, config, vocab_size)
+        check_same_model(f"{own} (this run's checkpoint)", saved, config, vocab_size,
+                         "to train this model, give it another name=; this run's checkpoints stay as they are")
         state = TrainState(**checkpoint.load(own, model, optimizer)["train_state"])
         notes.append(f"resumed from {own} at step {state.step} ({state.consumed_tokens:,} tokens)")
         changes = setting_changes(saved, config)
@@ -133,13 +134,14 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
                    f"{config.train.tokens - state.consumed_tokens:,} to go{note}"]
 
 
-def check_same_model(source: str, saved: Config, config: Config, vocab_size: int) -> None:
+def check_same_model(source: str, saved: Config, config: Config, vocab_size: int, remedy: str = "") -> None:
     saved_vocab = saved.model.vocab_size
     problems = model_differences(config, saved)
     if saved_vocab is not None and saved_vocab != vocab_size:
         problems.append(f"vocabulary: expected {vocab_size}, found {saved_vocab}")
     if problems:
-        raise CheckpointError(f"{source} holds a different model than this recipe: " + "; ".join(problems))
+        raise CheckpointError(f"{source} holds a different model than this recipe: " + "; ".join(problems)
+                              + (f" ({remedy})" if remedy else ""))
 
 
 def _evaluate_merged(config: Config, model, valid_data, rt, state: TrainState, log: MetricsLogger) -> None:
