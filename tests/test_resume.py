@@ -95,9 +95,9 @@ def test_run_killed_again_and_again_ends_with_the_uninterrupted_losses(default_d
     # changed, and its optimizer runs the new settings (Megatron keeps the checkpoint's betas).
     longer = [f"train.tokens={(STEPS + 2) * TOKENS_PER_STEP}", "schedule.lr_max=0.03", "optim.beta2=0.98"]
     more = run_train(tmp_path, "whole", OVERRIDES + longer)
-    assert (f"settings changed since the checkpoint of step {STEPS}, this run uses the new ones: train.tokens "
-            f"{STEPS * TOKENS_PER_STEP} -> {(STEPS + 2) * TOKENS_PER_STEP}; optim.beta2 0.95 -> 0.98; "
-            f"schedule.lr_max 0.04 -> 0.03\n") in more.stdout, more.stdout
+    assert (f"settings changed since the checkpoint of step {STEPS}, this run uses the new ones: train.tokens: "
+            f"{STEPS * TOKENS_PER_STEP} -> {(STEPS + 2) * TOKENS_PER_STEP}; optim.beta2: 0.95 -> 0.98; "
+            f"schedule.lr_max: 0.04 -> 0.03\n") in more.stdout, more.stdout
     (last_lr,) = [r["lr"] for r in records(tmp_path / "whole", "lr") if r["step"] == STEPS + 2]
     groups = load_common_state_dict(str(tmp_path / "whole" / "checkpoints" / f"iter_{STEPS + 2:07d}"))
     groups = groups["optimizer"]["param_groups"]

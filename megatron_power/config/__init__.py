@@ -24,6 +24,7 @@ from megatron_power.config.schema import (
     model_vocab_size,
     parse_blend,
     parse_count,
+    setting_changes,
     to_yaml,
     world_size_from_env,
 )
@@ -33,5 +34,5 @@ __all__ = [
     "DEFAULT_DATA_DIR", "FINISHED", "NAME_PATTERN", "RECIPES_DIR", "TOKEN_FIELDS", "CheckpointConfig", "Config", "DataConfig",
     "ModelConfig", "MupConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig", "ScheduleConfig",
     "TrainConfig", "as_name", "format_count", "from_yaml", "load_config", "load_yaml", "model_vocab_size", "omegaconf_message", "parse_blend",
-    "parse_count", "recipe_path", "shrink", "to_yaml", "validate", "world_size_from_env",
+    "parse_count", "recipe_path", "setting_changes", "shrink", "to_yaml", "validate", "world_size_from_env",
 ]

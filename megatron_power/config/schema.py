@@ -335,8 +335,8 @@ def from_yaml(text: str) -> Config:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
 
 
-def setting_changes(old: Config, new: Config) -> List[str]:
-    """'key old -> new' for every recipe setting in which `new` differs from `old`."""
+def setting_changes(old_yaml: str, new_yaml: str, ignore=()) -> List[str]:
+    """'key: old -> new' for every setting of two recipes (as YAML) that differs, in the recipe's order."""
     def flat(node, prefix=""):
         for key, value in node.items():
             if isinstance(value, dict):
@@ -344,9 +344,9 @@ def setting_changes(old: Config, new: Config) -> List[str]:
             else:
                 yield f"{prefix}{key}", value
 
-    before = dict(flat(OmegaConf.to_container(OmegaConf.structured(old))))
-    return [f"{key} {before.get(key)} -> {value}" for key, value in flat(OmegaConf.to_container(OmegaConf.structured(new)))
-            if before.get(key) != value]
+    old, new = (dict(flat(OmegaConf.to_container(OmegaConf.create(text)))) for text in (old_yaml, new_yaml))
+    return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in {**new, **old}
+            if old.get(key) != new.get(key) and key not in ignore]
 
 
 def world_size_from_env() -> int:

@@ -37,6 +37,7 @@ from megatron_power.config import (
     load_config,
     load_yaml,
     omegaconf_message,
+    setting_changes,
     to_yaml,
 )
 from megatron_power.errors import ConfigError, NonFiniteError
@@ -187,19 +188,6 @@ def point_config(spec: SweepSpec, point: Point, world_size: int = 1, check_paths
                        world_size, check_paths=check_paths)
 
 
-def _changed_keys(saved: str, current: str) -> List[str]:
-    def flat(node, prefix=""):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    a, b = dict(flat(OmegaConf.to_container(OmegaConf.create(saved)))), dict(flat(OmegaConf.to_container(OmegaConf.create(current))))
-    # out_dir may be spelled absolute (a SLURM job's) or relative (here): the directory is the same.
-    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "out_dir"]
-
-
 def check(spec: SweepSpec, world_size: int = 1, check_paths: bool = True, grid: Optional[List[Point]] = None,
           compare_saved: bool = True) -> List[Point]:
     """Every point's config validated (the spec's grid, or `grid`: points run in `spec`'s directory),
@@ -216,7 +204,8 @@ def check(spec: SweepSpec, world_size: int = 1, check_paths: bool = True, grid: 
             continue
         saved = config.run_dir / "config.yaml"
         if compare_saved and saved.is_file():
-            changed = _changed_keys(saved.read_text(), to_yaml(config))
+            # out_dir may be spelled absolute (a SLURM job's) or relative (here): the directory is the same.
+            changed = setting_changes(saved.read_text(), to_yaml(config), ignore=("out_dir",))
             if changed:
                 problems.setdefault(
                     f"{config.run_dir} was run with another config ({'; '.join(changed[:3])}); "

@@ -99,7 +99,7 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
                          "to train this model, give it another name=; this run's checkpoints stay as they are")
         state = TrainState(**checkpoint.load(own, model, optimizer)["train_state"])
         notes.append(f"resumed from {own} at step {state.step} ({state.consumed_tokens:,} tokens)")
-        changes = setting_changes(saved, config)
+        changes = setting_changes(to_yaml(saved), to_yaml(config))
         if changes:  # a changed override may be meant (a longer run, a lower lr) or forgotten: say which
             notes.append(f"settings changed since the checkpoint of step {state.step}, this run uses the new ones: "
                          + "; ".join(changes))
