@@ -275,3 +275,14 @@ def test_config_help_lists_every_recipe_key_with_its_documentation():
     listed = [line.split()[0] for line in text.splitlines() if re.match(r"  \S+  \(", line)]
     assert listed == list(keys(asdict(Config())))
     assert "schedule.reference_seq_length  (int = 4096)\n      The Power formula counts the batch in sequences" in text
+
+
+def test_a_saved_config_with_a_setting_this_version_no_longer_has_still_reads():
+    """A checkpoint outlives the code that wrote it (a SLURM job requeued after a `git pull`): its
+    config is read without the settings since removed, which the resume note then names."""
+    from megatron_power.config import from_yaml, setting_changes, to_yaml
+
+    config = load_config("proxy", ["schedule.lr_max=0.03"], check_paths=False)
+    saved = to_yaml(config).replace("\ntrain:\n", "\ntrain:\n  retired_knob: 3\n")
+    assert from_yaml(saved) == config
+    assert setting_changes(saved, to_yaml(config)) == ["train.retired_knob: 3 -> None"]

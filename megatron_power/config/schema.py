@@ -331,8 +331,14 @@ def to_yaml(c: Config) -> str:
 
 
 def from_yaml(text: str) -> Config:
-    """A config saved by `to_yaml` (in a checkpoint), without validation of its paths."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
+    """A config saved by `to_yaml` (in a checkpoint), without validation of its paths. Settings this
+    version no longer has are left out: a checkpoint outlives the code that wrote it."""
+    def known(saved, schema):
+        return {key: known(value, schema[key]) if OmegaConf.is_dict(value) and OmegaConf.is_dict(schema[key])
+                else value for key, value in saved.items() if key in schema}
+
+    schema = OmegaConf.structured(Config)
+    return OmegaConf.to_object(OmegaConf.merge(schema, known(OmegaConf.create(text), schema)))
 
 
 def setting_changes(old_yaml: str, new_yaml: str, ignore=()) -> List[str]:

@@ -94,12 +94,12 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
     fresh. Returns the state and the lines to log."""
     own, notes = checkpoint.newest(config.checkpoint_dir)
     if own is not None:
-        saved = from_yaml(checkpoint.saved_state(own)["config"])
-        check_same_model(f"{own} (this run's checkpoint)", saved, config, vocab_size,
+        saved_yaml = checkpoint.saved_state(own)["config"]
+        check_same_model(f"{own} (this run's checkpoint)", from_yaml(saved_yaml), config, vocab_size,
                          "to train this model, give it another name=; this run's checkpoints stay as they are")
         state = TrainState(**checkpoint.load(own, model, optimizer)["train_state"])
         notes.append(f"resumed from {own} at step {state.step} ({state.consumed_tokens:,} tokens)")
-        changes = setting_changes(to_yaml(saved), to_yaml(config))
+        changes = setting_changes(saved_yaml, to_yaml(config))
         if changes:  # a changed override may be meant (a longer run, a lower lr) or forgotten: say which
             notes.append(f"settings changed since the checkpoint of step {state.step}, this run uses the new ones: "
                          + "; ".join(changes))
