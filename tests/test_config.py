@@ -286,3 +286,11 @@ def test_a_saved_config_with_a_setting_this_version_no_longer_has_still_reads():
     saved = to_yaml(config).replace("\ntrain:\n", "\ntrain:\n  retired_knob: 3\n")
     assert from_yaml(saved) == config
     assert setting_changes(saved, to_yaml(config)) == ["train.retired_knob: 3 -> None"]
+
+
+def test_config_smoke_prints_what_make_train_smoke_trains(capsys):
+    """`make train SMOKE=1` checks this recipe before it builds data or starts torchrun."""
+    assert cli.main(["config", "moe3b", "--smoke", "--world-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "name: moe3b-smoke" in printed and "  ep: 2\n" in printed and "  num_layers: 2\n" in printed
+    assert cli.main(["config", "moe3b", "--smoke", "--world-size", "3"]) == 2  # EP 2 does not divide 3
