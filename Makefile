@@ -114,7 +114,7 @@ study: setup-plot
 	$(MP) data
 	$(MP) study $(STUDY) $(ARGS)
 
-# make convert CKPT=runs/proxy/checkpoints OUT=hf/proxy [ARGS="--dtype fp32 --verify"]
+# make convert CKPT=runs/proxy OUT=hf/proxy [ARGS="--dtype fp32 --verify"]
 convert: setup-dev
 	$(MP) convert to-hf $(CKPT) $(OUT) $(ARGS)
 

@@ -572,7 +572,7 @@ def parser() -> argparse.ArgumentParser:
     convert = verbs.add_parser("convert", help="checkpoints to and from Hugging Face (Granite, GraniteMoe)")
     direction = convert.add_subparsers(dest="direction", required=True)
     to_hf = direction.add_parser("to-hf", help="a checkpoint of any layout -> a Hugging Face directory")
-    to_hf.add_argument("ckpt", help="a run's checkpoints directory (its latest) or one iter_* checkpoint")
+    to_hf.add_argument("ckpt", help="a run folder or its checkpoints directory (its latest), or one iter_* checkpoint")
     to_hf.add_argument("out", help="the Hugging Face directory to write (must not exist or be empty)")
     to_hf.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     to_hf.add_argument("--verify", action="store_true",

@@ -192,8 +192,8 @@ class CheckpointConfig:
     save: bool = True  # false only for throughput benchmarks: nothing is saved, not even on a stop
     keep: int = 2  # complete checkpoints kept on disk (the newest ones)
     dir: Optional[str] = None  # default: <run dir>/checkpoints
-    # A checkpoint to start from (a checkpoints directory, whose "latest" is used, or one iter_*
-    # directory). Stage 2: a stage-1 run's; model, optimizer and tokens seen carry over.
+    # A checkpoint to start from (a run folder or its checkpoints directory, whose latest is used,
+    # or one iter_* directory). Stage 2: a stage-1 run's; model, optimizer and tokens seen carry over.
     # Stage 1: any checkpoint of the same model, e.g. one imported by `convert from-hf`; only
     # the weights carry over. A run with checkpoints of its own resumes from those instead.
     init_from: Optional[str] = None

@@ -197,16 +197,16 @@ def latest(root: Path) -> Optional[Path]:
 
 
 def resolve(path: Path) -> Path:
-    """A checkpoint named by its run's checkpoints directory (its latest) or by itself."""
+    """A checkpoint named by its run folder or its run's checkpoints directory (its latest), or by itself."""
     if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory (expected a run's checkpoints directory "
+        raise CheckpointError(f"{path} is not a directory (expected a run folder, its checkpoints directory "
                               f"or one of its iter_* checkpoints)")
     if (path / "metadata.json").is_file():
         return path
-    found = latest(path)
+    found = latest(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
     if found is None:
-        raise CheckpointError(f"{path} holds no checkpoint (expected a dist_checkpointing directory "
-                              f"with metadata.json, or a checkpoints directory with a '{LATEST}' marker)")
+        raise CheckpointError(f"{path} holds no checkpoint (expected a dist_checkpointing directory with "
+                              f"metadata.json, a checkpoints directory with a '{LATEST}' marker, or a run folder)")
     return found
 
 
