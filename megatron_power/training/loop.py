@@ -99,7 +99,8 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
                          "to train this model, give it another name=; this run's checkpoints stay as they are")
         state = TrainState(**checkpoint.load(own, model, optimizer)["train_state"])
         notes.append(f"resumed from {own} at step {state.step} ({state.consumed_tokens:,} tokens)")
-        changes = setting_changes(saved_yaml, to_yaml(config))
+        # out_dir: the same folder, spelled relative here and absolute in a SLURM job's overrides.
+        changes = setting_changes(saved_yaml, to_yaml(config), ignore=("out_dir",))
         if changes:  # a changed override may be meant (a longer run, a lower lr) or forgotten: say which
             notes.append(f"settings changed since the checkpoint of step {state.step}, this run uses the new ones: "
                          + "; ".join(changes))
