@@ -68,9 +68,9 @@ def _eval(args) -> int:
     from megatron_power.training.evaluation import evaluate_checkpoint
 
     config = load_config(args.recipe, args.overrides, world_size_from_env())
-    loss = evaluate_checkpoint(config)
+    loss, source = evaluate_checkpoint(config)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"validation loss {loss:.6f} ({config.checkpoint.init_from}, {config.train.eval_batches} batches "
+        print(f"validation loss {loss:.6f} ({source}, {config.train.eval_batches} batches "
               f"of {config.train.global_batch_size} x {config.model.seq_length} tokens)")
     return 0
 
