@@ -42,6 +42,10 @@ for _logger, _prefix in _ENGINE_NOTICES.items():
     logging.getLogger(_logger).addFilter(lambda record, prefix=_prefix: not record.getMessage().startswith(prefix))
 
 
+# No argparse default, so that a --widths given beside --depths can be refused.
+COORDCHECK_WIDTHS = "64,128,256,512"
+
+
 def _at_least_one(args, *options: str) -> None:
     """One line for the first of these numeric options (e.g. "--gpus") below 1."""
     for option in options:
@@ -197,7 +201,7 @@ def _coordcheck(args) -> int:
     if args.widths and args.depths:
         raise ConfigError("--widths and --depths: give one (a check against width, or against depth at the "
                           "recipe's width)")
-    option, given = ("--depths", args.depths) if args.depths else ("--widths", args.widths or "64,128,256,512")
+    option, given = ("--depths", args.depths) if args.depths else ("--widths", args.widths or COORDCHECK_WIDTHS)
     try:
         sizes = sorted({int(w) for w in given.split(",")})
     except ValueError:
@@ -526,7 +530,7 @@ def parser() -> argparse.ArgumentParser:
 
     coord = _recipe_verb(verbs, "coordcheck", _coordcheck,
                          "muP coordinate check: activation RMS against width, or against depth (--depths)")
-    coord.add_argument("--widths", help="e.g. 64,128,256,512 (the default): against width")
+    coord.add_argument("--widths", help=f"against width (default {COORDCHECK_WIDTHS})")
     coord.add_argument("--depths", help="e.g. 2,4,8,16: against depth at the recipe's width, with and without "
                                         "mup.depth_alpha (default 1, CompleteP) on a base of the smallest")
     coord.add_argument("--steps", type=int, default=5)
