@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,18 +63,21 @@ def run_train(out_dir: Path, name: str, overrides, nproc: int = 1, check: bool =
                           check=check, env_vars=env_vars, cwd=cwd, **popen)
 
 
-def kill_after(cmd, log_dir, steps):
-    """Start `cmd` and SIGKILL its whole process group once LOG_DIR/metrics.jsonl holds `steps` steps."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (log_dir / "metrics.jsonl").is_file() and len(records(log_dir, "loss")) >= steps:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+def signal_after(cmd, log_dir, steps, sig=signal.SIGKILL) -> str:
+    """Start `cmd`, send its whole process group `sig` once LOG_DIR/metrics.jsonl holds `steps`
+    steps, and wait for it to end; its output (stdout and stderr)."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (log_dir / "metrics.jsonl").is_file() and len(records(log_dir, "loss")) >= steps:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be signalled"
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=300)
+        out.seek(0)
+        return out.read()
 
 
 def records(run_dir: Path, key: str) -> list:

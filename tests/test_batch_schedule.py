@@ -5,7 +5,7 @@ test_parallel.py runs every layout with one.)"""
 
 import pytest
 
-from helpers import SMALL, command, kill_after, megatron_power, records, run_train
+from helpers import SMALL, command, megatron_power, records, run_train, signal_after
 from megatron_power.config import load_config
 from megatron_power.errors import ConfigError
 from megatron_power.training.batch_schedule import grown_batch
@@ -31,7 +31,7 @@ def steps(run_dir):
 
 def test_token_schedule_follows_the_power_lr_and_resumes_exactly_at_the_change(default_data, tmp_path):
     run_train(tmp_path, "whole", TOKEN_SCHEDULE)
-    kill_after(command("train", "proxy", f"out_dir={tmp_path}", "name=cut", *TOKEN_SCHEDULE), tmp_path / "cut", 7)
+    signal_after(command("train", "proxy", f"out_dir={tmp_path}", "name=cut", *TOKEN_SCHEDULE), tmp_path / "cut", 7)
     resumed = run_train(tmp_path, "cut", TOKEN_SCHEDULE)
     assert "at step 6 " in resumed.stdout  # the checkpoint written just before the first step at 32
 
@@ -53,7 +53,7 @@ def test_token_schedule_follows_the_power_lr_and_resumes_exactly_at_the_change(d
 @pytest.mark.slow
 def test_noise_scale_growth_makes_the_same_decisions_when_resumed(default_data, tmp_path):
     first = run_train(tmp_path, "whole", NOISE_SCALE)
-    kill_after(command("train", "proxy", f"out_dir={tmp_path}", "name=cut", *NOISE_SCALE), tmp_path / "cut", 4)
+    signal_after(command("train", "proxy", f"out_dir={tmp_path}", "name=cut", *NOISE_SCALE), tmp_path / "cut", 4)
     resumed = run_train(tmp_path, "cut", NOISE_SCALE)
     assert "resumed from" in resumed.stdout
 

@@ -10,7 +10,8 @@ import psutil
 import pytest
 from megatron.core.dist_checkpointing.serialization import load_common_state_dict
 
-from helpers import ROOT, SMALL, TOKENS_PER_STEP, command, metrics, records, run_train
+from helpers import ROOT, SMALL, TOKENS_PER_STEP, command, metrics, records, run_train, signal_after
+from megatron_power.config import FINISHED
 from megatron_power.training import checkpoint
 
 STEPS = 24
@@ -90,17 +91,21 @@ def test_run_killed_again_and_again_ends_with_the_uninterrupted_losses(default_d
     assert f"nothing to train: whole has seen {STEPS * TOKENS_PER_STEP:,} tokens" in again.stdout, again.stdout
     assert metrics(tmp_path / "whole") == (expected_train, expected_valid)
 
-    # Trained on for 2 steps with another peak lr and beta2 (meant, or a mistyped override): it
-    # loaded (Megatron pairs optimizer groups by their lr range, and failed on a new one), says what
-    # changed, and its optimizer runs the new settings (Megatron keeps the checkpoint's betas).
-    longer = [f"train.tokens={(STEPS + 2) * TOKENS_PER_STEP}", "schedule.lr_max=0.03", "optim.beta2=0.98"]
-    more = run_train(tmp_path, "whole", OVERRIDES + longer)
+    # Trained on with a larger budget, another peak lr and beta2 (meant, or a mistyped override), and
+    # stopped by a signal (SLURM's warning) a step in: it loaded (Megatron pairs optimizer groups by
+    # their lr range, and failed on a new one), says what changed, runs the new settings (Megatron
+    # keeps the checkpoint's betas), and is no longer finished (a SLURM job would not requeue it).
+    longer = [f"train.tokens={(STEPS + 8) * TOKENS_PER_STEP}", "schedule.lr_max=0.03", "optim.beta2=0.98"]
+    more = signal_after(command("train", "proxy", f"out_dir={tmp_path}", "name=whole", *OVERRIDES, *longer),
+                        tmp_path / "whole", STEPS + 1, signal.SIGTERM)
     assert (f"settings changed since the checkpoint of step {STEPS}, this run uses the new ones: train.tokens: "
-            f"{STEPS * TOKENS_PER_STEP} -> {(STEPS + 2) * TOKENS_PER_STEP}; optim.beta2: 0.95 -> 0.98; "
-            f"schedule.lr_max: 0.04 -> 0.03\n") in more.stdout, more.stdout
-    (last_lr,) = [r["lr"] for r in records(tmp_path / "whole", "lr") if r["step"] == STEPS + 2]
-    groups = load_common_state_dict(str(tmp_path / "whole" / "checkpoints" / f"iter_{STEPS + 2:07d}"))
-    groups = groups["optimizer"]["param_groups"]
+            f"{STEPS * TOKENS_PER_STEP} -> {(STEPS + 8) * TOKENS_PER_STEP}; optim.beta2: 0.95 -> 0.98; "
+            f"schedule.lr_max: 0.04 -> 0.03\n") in more, more
+    assert "stop requested: checkpoint saved" in more, more
+    assert not (tmp_path / "whole" / FINISHED).exists()
+    stopped = checkpoint.latest(tmp_path / "whole" / "checkpoints")
+    (last_lr,) = [r["lr"] for r in records(tmp_path / "whole", "lr") if r["step"] == int(stopped.name[5:])]
+    groups = load_common_state_dict(str(stopped))["optimizer"]["param_groups"]
     assert {(g["max_lr"], g["betas"]) for g in groups} == {(0.03, (0.9, 0.98))}, groups
     assert [g["lr"] for g in groups] == pytest.approx([last_lr * g["lr_mult"] for g in groups], rel=1e-12)
 

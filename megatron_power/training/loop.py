@@ -228,6 +228,10 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
     if state.consumed_tokens + batch * seq > t.tokens:  # a finished run started again, or a smaller budget
         log.info(f"nothing to train: {config.name} has seen {state.consumed_tokens:,} tokens, and another step "
                  f"({batch * seq:,} tokens) would pass train.tokens ({t.tokens:,}); a larger train.tokens trains on")
+    elif rt.rank == 0:
+        # A finished run given a larger budget is unfinished until it reaches it: a SLURM job stopped
+        # before then must requeue, and a sweep must not take it for done.
+        (config.run_dir / FINISHED).unlink(missing_ok=True)
     # The budget is in tokens, so a run resumed with another batch size ends where it should.
     while state.consumed_tokens + batch * seq <= t.tokens:
         if graphs and graphs.before_step(batch):
