@@ -424,6 +424,29 @@ def _convert(args) -> int:
     return 0
 
 
+def _rewind(args) -> int:
+    from pathlib import Path
+
+    from megatron_power.training import rewind
+
+    run = Path(args.run_dir)
+    if args.to is None:
+        found = rewind.checkpoints(run)
+        print(f"{run} has {len(found)} complete checkpoint{'s' * (len(found) != 1)}:")
+        for step, tokens, problem in found:
+            print(f"  step {step}: " + (f"damaged, {problem}" if problem else f"{tokens:,} tokens"))
+        print(f"`megatron-power rewind {run} --to STEP` makes the next train of this run go on from STEP")
+        return 0
+    moved, aside = rewind.rewind(run, args.to)
+    if not moved:
+        print(f"step {args.to} is already the newest checkpoint of {run}; nothing was moved")
+        return 0
+    print(f"{run} now resumes from step {args.to}: {', '.join(moved)} and a copy of metrics.jsonl were moved to "
+          f"{aside} (remove it once it is no longer needed). Train the run again to go on from there, "
+          f"with any override it needs (a lower schedule.lr_max, say); the log names each one.")
+    return 0
+
+
 def _slurm_options(verb: argparse.ArgumentParser, gpus_per_node: int) -> None:
     verb.add_argument("--gpus-per-node", type=int, default=gpus_per_node, help="processes per node, one per GPU")
     verb.add_argument("--cpu", action="store_true", help="CPU only: request no GPUs (SLURM), use none (local sweep)")
@@ -494,6 +517,13 @@ def parser() -> argparse.ArgumentParser:
                             "comma-separated numbers")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     merge.set_defaults(run=_merge)
+
+    rewind = verbs.add_parser("rewind", help="take a run back to an earlier checkpoint (after a loss spike): its "
+                              "next train goes on from there; the newer checkpoints are moved aside, not deleted")
+    rewind.add_argument("run_dir", metavar="RUN", help="a run folder, e.g. runs/proxy")
+    rewind.add_argument("--to", type=int, metavar="STEP", help="the step of the checkpoint to go back to "
+                        "(without it: list the run's checkpoints)")
+    rewind.set_defaults(run=_rewind)
 
     data = verbs.add_parser("data", help="build the default corpus, tokenizer and indexed datasets")
     data.add_argument("--out", default=str(DEFAULT_DATA_DIR))

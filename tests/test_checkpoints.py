@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from helpers import ROOT, SMALL, TOKENS_PER_STEP, command, metrics, records, run_train, truncate
+from megatron_power import cli
+from megatron_power.config import FINISHED
 from megatron_power.errors import CheckpointError
-from megatron_power.training import checkpoint
+from megatron_power.training import checkpoint, run_lock
 
 STEPS = 6
 OVERRIDES = SMALL + [f"train.tokens={STEPS * TOKENS_PER_STEP}", "checkpoint.interval=2", "checkpoint.keep=3"]
@@ -135,6 +137,38 @@ def test_run_resumes_past_a_damaged_checkpoint_to_the_same_losses(finished, tmp_
     steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == STEPS
     assert checkpoint.intact(run / "checkpoints" / "iter_0000006") is None  # saved again, whole
+
+
+@pytest.mark.slow
+def test_rewound_run_goes_on_from_the_chosen_checkpoint_and_keeps_the_newer_one(finished, tmp_path, capsys):
+    """After a loss spike: `rewind --to 4` moves step 6's checkpoint, finished.json and a copy of
+    metrics.jsonl aside, and the run trains steps 5 and 6 again from step 4."""
+    run = copy_run(finished, tmp_path)
+    assert cli.main(["rewind", str(run)]) == 0
+    assert "  step 2: 4,096 tokens\n  step 4: 8,192 tokens\n  step 6: 12,288 tokens\n" in capsys.readouterr().out
+    run_lock.take(run)  # a job training this run
+    assert cli.main(["rewind", str(run), "--to", "4"]) == 2
+    run_lock.release()
+    assert "is in use by a run (pid" in capsys.readouterr().err
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert cli.main(["rewind", str(run), "--to", "5"]) == 2
+    assert capsys.readouterr().err == (f"error: {run / 'checkpoints'} has no complete checkpoint of step 5 "
+                                       f"(it has steps: 2, 4, 6)\n")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+    assert cli.main(["rewind", str(run), "--to", "4"]) == 0
+    assert f"{run} now resumes from step 4: iter_0000006 and" in capsys.readouterr().out
+    (aside,) = (run / "checkpoints" / "rewound").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == [FINISHED, "iter_0000006", "metrics.jsonl"]
+    assert (aside / "metrics.jsonl").read_text() == (finished / "metrics.jsonl").read_text()
+    assert checkpoint.newest(run / "checkpoints") == (run / "checkpoints" / "iter_0000004", [])
+
+    result = run_train(tmp_path, "copy", OVERRIDES)
+    assert f"resumed from {run / 'checkpoints' / 'iter_0000004'} at step 4" in result.stdout, result.stdout
+    assert metrics(run) == metrics(finished)
+    assert checkpoint.intact(aside / "iter_0000006") is None
+    assert cli.main(["rewind", str(run), "--to", "6"]) == 0
+    assert "step 6 is already the newest checkpoint" in capsys.readouterr().out
 
 
 @pytest.mark.slow

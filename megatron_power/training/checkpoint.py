@@ -77,12 +77,17 @@ def save(root: Path, step: int, model, optimizer, state: dict, keep: int) -> Pat
         if final.exists():  # the same step saved before (a rerun, or a damaged copy): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        marker = root / (LATEST + ".tmp")
-        marker.write_text(final.name + "\n")
-        os.replace(marker, root / LATEST)
+        mark_latest(root, final)
         _prune(root, step, keep)
     dist.barrier()
     return final
+
+
+def mark_latest(root: Path, path: Path) -> None:
+    """Point the `latest` marker at `path`, atomically."""
+    marker = root / (LATEST + ".tmp")
+    marker.write_text(path.name + "\n")
+    os.replace(marker, root / LATEST)
 
 
 def _no_space(error: BaseException, root: Path) -> bool:

@@ -24,7 +24,7 @@ _held = []  # the open lock file, kept for the life of the process
 
 def hold(run_dir: Path, rt) -> None:
     """Take the run folder's lock on rank 0; on every rank, raise ConfigError if another process has it."""
-    holder = _take(run_dir) if rt.rank == 0 else None
+    holder = take(run_dir) if rt.rank == 0 else None
     taken_elsewhere = torch.tensor([float(holder is not None)], device=rt.device)
     dist.all_reduce(taken_elsewhere)
     if taken_elsewhere.item():
@@ -32,7 +32,7 @@ def hold(run_dir: Path, rt) -> None:
                           f"or give this run another name= or out_dir=")
 
 
-def _take(run_dir: Path):
+def take(run_dir: Path):
     """None once this process holds the lock; else what the holder wrote (its pid and host)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     f = open(run_dir / LOCK, "a+")

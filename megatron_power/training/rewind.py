@@ -1,0 +1,81 @@
+"""Take a run back to one of its earlier checkpoints: the usual answer to a loss spike is to go on
+from a checkpoint before it, often with a lower lr (Megatron-LM's --ckpt-step, torchtitan's
+load_step).
+
+A one-time change to the run folder rather than a recipe setting: a setting would rewind again at
+every requeue of the job. The newer checkpoints (and finished.json) are moved, not deleted, to
+checkpoints/rewound/<time>/ with a copy of metrics.jsonl, whose rows after the chosen step the
+next run drops: what the abandoned steps learned stays on disk until the user removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import List, Tuple
+
+from megatron_power.config.schema import FINISHED, from_yaml
+from megatron_power.errors import CheckpointError, ConfigError
+from megatron_power.training import checkpoint, run_lock
+
+ASIDE = "rewound"
+# A checkpoint, complete or being written.
+_SAVE = re.compile(r"iter_(\d{7})(\.tmp)?")
+
+
+def _checkpoint_dir(run_dir: Path) -> Path:
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (it has no config.yaml; expected runs/<name>)")
+    # Not config.checkpoint_dir: the folder may have been moved or copied since its config was written.
+    return Path(from_yaml(saved.read_text()).checkpoint.dir or run_dir / "checkpoints")
+
+
+def _step(path: Path) -> int:
+    return int(_SAVE.fullmatch(path.name).group(1))
+
+
+def checkpoints(run_dir: Path) -> List[Tuple[int, int, str]]:
+    """(step, tokens seen, why it cannot be loaded or "") of each complete checkpoint of a run, oldest first."""
+    found = []
+    for path in checkpoint.complete(_checkpoint_dir(run_dir)):
+        problem = checkpoint.intact(path)
+        tokens = checkpoint.saved_state(path)["train_state"]["consumed_tokens"] if problem is None else 0
+        found.append((_step(path), tokens, problem or ""))
+    return found
+
+
+def rewind(run_dir: Path, step: int) -> Tuple[List[str], Path]:
+    """Make the checkpoint of `step` the one `run_dir` resumes from. Returns the checkpoints moved
+    aside and where they went. Raises ConfigError or CheckpointError, changing nothing, when the run is
+    in use or has no intact checkpoint of that step."""
+    root = _checkpoint_dir(run_dir)
+    holder = run_lock.take(run_dir)
+    if holder is not None:
+        raise ConfigError(f"{run_dir} is in use by a run ({holder}); stop it before rewinding")
+    try:
+        target = root / f"iter_{step:07d}"
+        saved = checkpoint.complete(root)
+        if target not in saved:
+            have = ", ".join(str(_step(p)) for p in saved) or "none"
+            raise CheckpointError(f"{root} has no complete checkpoint of step {step} (it has steps: {have})")
+        problem = checkpoint.intact(target)
+        if problem is not None:
+            raise CheckpointError(f"the checkpoint of step {step} is damaged: {problem}; nothing was changed")
+        newer = sorted(p for p in root.iterdir() if _SAVE.fullmatch(p.name) and _step(p) > step)
+        aside = root / ASIDE / time.strftime("%Y%m%d-%H%M%S")
+        if newer:
+            aside.mkdir(parents=True, exist_ok=True)
+            if (run_dir / "metrics.jsonl").is_file():
+                shutil.copy2(run_dir / "metrics.jsonl", aside / "metrics.jsonl")
+            if (run_dir / FINISHED).is_file():  # it has steps to train again; a sweep or SLURM job must know
+                os.replace(run_dir / FINISHED, aside / FINISHED)
+            for path in newer:
+                os.replace(path, aside / path.name)
+        checkpoint.mark_latest(root, target)
+        return [p.name for p in newer], aside
+    finally:
+        run_lock.release()
