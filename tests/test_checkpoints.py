@@ -141,9 +141,10 @@ def test_run_resumes_past_a_damaged_checkpoint_to_the_same_losses(finished, tmp_
 
 @pytest.mark.slow
 def test_rewound_run_goes_on_from_the_chosen_checkpoint_and_keeps_the_newer_one(finished, tmp_path, capsys):
-    """After a loss spike: `rewind --to 4` moves step 6's checkpoint, finished.json and a copy of
-    metrics.jsonl aside, and the run trains steps 5 and 6 again from step 4."""
+    """After a loss spike: `rewind --to 4` moves step 6's checkpoint, finished.json, the wandb run's
+    id and a copy of metrics.jsonl aside, and the run trains steps 5 and 6 again from step 4."""
     run = copy_run(finished, tmp_path)
+    (run / "wandb-run-id").write_text("0123abcd")  # as a run with logging.wandb.project leaves it
     assert cli.main(["rewind", str(run)]) == 0
     assert "  step 2: 4,096 tokens\n  step 4: 8,192 tokens\n  step 6: 12,288 tokens\n" in capsys.readouterr().out
     run_lock.take(run)  # a job training this run
@@ -157,9 +158,10 @@ def test_rewound_run_goes_on_from_the_chosen_checkpoint_and_keeps_the_newer_one(
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
     assert cli.main(["rewind", str(run), "--to", "4"]) == 0
-    assert f"{run} now resumes from step 4: iter_0000006 and" in capsys.readouterr().out
+    assert (f"{run} now resumes from step 4: iter_0000006, finished.json, wandb-run-id and a copy of metrics.jsonl "
+            f"were moved to {run / 'checkpoints' / 'rewound'}") in capsys.readouterr().out
     (aside,) = (run / "checkpoints" / "rewound").iterdir()
-    assert sorted(p.name for p in aside.iterdir()) == [FINISHED, "iter_0000006", "metrics.jsonl"]
+    assert sorted(p.name for p in aside.iterdir()) == [FINISHED, "iter_0000006", "metrics.jsonl", "wandb-run-id"]
     assert (aside / "metrics.jsonl").read_text() == (finished / "metrics.jsonl").read_text()
     assert checkpoint.newest(run / "checkpoints") == (run / "checkpoints" / "iter_0000004", [])
 

@@ -42,6 +42,9 @@ def _open_from(path, start_step: int):
     return open(path, "a")
 
 
+WANDB_RUN_ID = "wandb-run-id"
+
+
 def _wandb_run(config):
     """The Weights & Biases run beside TensorBoard, or None. Started before the TensorBoard
     writer, wandb mirrors every event that writer writes (Megatron's router report included), each
@@ -54,7 +57,7 @@ def _wandb_run(config):
     import wandb
     from omegaconf import OmegaConf
 
-    id_file = config.run_dir / "wandb-run-id"
+    id_file = config.run_dir / WANDB_RUN_ID
     if not id_file.is_file():
         id_file.write_text(secrets.token_hex(4))
     return wandb.init(project=wb.project, entity=wb.entity, mode=wb.mode, name=config.name,

@@ -3,9 +3,10 @@ from a checkpoint before it, often with a lower lr (Megatron-LM's --ckpt-step, t
 load_step).
 
 A one-time change to the run folder rather than a recipe setting: a setting would rewind again at
-every requeue of the job. The newer checkpoints (and finished.json) are moved, not deleted, to
-checkpoints/rewound/<time>/ with a copy of metrics.jsonl, whose rows after the chosen step the
-next run drops: what the abandoned steps learned stays on disk until the user removes it.
+every requeue of the job. The newer checkpoints, finished.json and the wandb run's id are moved,
+not deleted, to checkpoints/rewound/<time>/ with a copy of metrics.jsonl, whose rows after the
+chosen step the next run drops: what the abandoned steps learned stays on disk until the user
+removes it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import List, Tuple
 from megatron_power.config.schema import FINISHED, from_yaml
 from megatron_power.errors import CheckpointError, ConfigError
 from megatron_power.training import checkpoint, run_lock
+from megatron_power.training.metrics import WANDB_RUN_ID
 
 ASIDE = "rewound"
 # A checkpoint, complete or being written.
@@ -49,8 +51,8 @@ def checkpoints(run_dir: Path) -> List[Tuple[int, int, str]]:
 
 
 def rewind(run_dir: Path, step: int) -> Tuple[List[str], Path]:
-    """Make the checkpoint of `step` the one `run_dir` resumes from. Returns the checkpoints moved
-    aside and where they went. Raises ConfigError or CheckpointError, changing nothing, when the run is
+    """Make the checkpoint of `step` the one `run_dir` resumes from. Returns what was to_move aside
+    and where it went. Raises ConfigError or CheckpointError, changing nothing, when the run is
     in use or has no intact checkpoint of that step."""
     root = _checkpoint_dir(run_dir)
     holder = run_lock.take(run_dir)
@@ -65,17 +67,19 @@ def rewind(run_dir: Path, step: int) -> Tuple[List[str], Path]:
         problem = checkpoint.intact(target)
         if problem is not None:
             raise CheckpointError(f"the checkpoint of step {step} is damaged: {problem}; nothing was changed")
-        newer = sorted(p for p in root.iterdir() if _SAVE.fullmatch(p.name) and _step(p) > step)
+        to_move = sorted(p for p in root.iterdir() if _SAVE.fullmatch(p.name) and _step(p) > step)
         aside = root / ASIDE / time.strftime("%Y%m%d-%H%M%S")
-        if newer:
+        if to_move:
             aside.mkdir(parents=True, exist_ok=True)
             if (run_dir / "metrics.jsonl").is_file():
                 shutil.copy2(run_dir / "metrics.jsonl", aside / "metrics.jsonl")
-            if (run_dir / FINISHED).is_file():  # it has steps to train again; a sweep or SLURM job must know
-                os.replace(run_dir / FINISHED, aside / FINISHED)
-            for path in newer:
+            # finished.json: it has steps to train again, which a sweep or SLURM job must know.
+            # The wandb run's id: wandb keeps what a run was sent, so the redone steps would stand
+            # beside the abandoned ones in one chart; they go to a new wandb run of the same name.
+            to_move += [run_dir / name for name in (FINISHED, WANDB_RUN_ID) if (run_dir / name).is_file()]
+            for path in to_move:
                 os.replace(path, aside / path.name)
         checkpoint.mark_latest(root, target)
-        return [p.name for p in newer], aside
+        return [p.name for p in to_move], aside
     finally:
         run_lock.release()
