@@ -59,7 +59,9 @@ def test_job_warned_before_its_time_limit_requeues_and_matches_a_local_run(clust
     assert log.count("requeueing") == int(job["Restarts"])  # a finished job does not requeue again
     assert log.rstrip().endswith("run finished")
 
-    train, valid = metrics(tmp_path / f"slurm-{job_id}")
+    # Named by name=: the run folder is that name (a job submitted again with it would resume it).
+    assert f"run {tmp_path}/slurm\n" in result.stdout, result.stdout
+    train, valid = metrics(tmp_path / "slurm")
     expected_train, expected_valid = metrics(tmp_path / "local")
     assert sorted(train) == list(range(1, steps + 1))
     assert train == pytest.approx(expected_train, abs=1e-6)
@@ -138,7 +140,7 @@ def test_make_submit_with_an_empty_container_fails_before_sbatch(fake_sbatch):
     assert not fake_sbatch.exists()
 
 
-def test_dry_run_renders_a_multi_node_gpu_script(default_data):
+def test_dry_run_renders_a_multi_node_gpu_script(default_data, tmp_path, capsys):
     out = subprocess.run([str(ROOT / ".venv" / "bin" / "megatron-power"), "submit", "dense3b", "--nodes", "16",
                           "--time", "2-00:00:00", "--container", "nvcr.io#nvidia/pytorch:26.06-py3", "--dry-run"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
@@ -148,3 +150,20 @@ def test_dry_run_renders_a_multi_node_gpu_script(default_data):
                  "#SBATCH --signal=B:USR1@180", "#SBATCH --requeue", "CONTAINER='nvcr.io#nvidia/pytorch:26.06-py3'",
                  "RECIPE=dense3b", "CUDA_DEVICE_MAX_CONNECTIONS"]:
         assert line in out
+    # Run with srun and scontrol stubbed, the script starts the trainer on a run of its own per job,
+    # or on the run its name= names, which a later job then resumes.
+    trainer = _trainer_command(out, tmp_path)
+    assert "-m megatron_power.cli train dense3b" in trainer and "name=dense3b-1234 " in trainer, trainer
+    assert cli.main(["submit", "dense3b", "--nodes", "16", "--dry-run", "name=my3b"]) == 0
+    assert "name=my3b " in _trainer_command(capsys.readouterr().out, tmp_path)
+
+
+def _trainer_command(script: str, tmp_path) -> str:
+    """What a rendered job script hands srun (job 1234), with srun and scontrol stubbed."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    for name, body in (("srun", 'echo "$@"'), ("scontrol", "echo node1")):
+        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "node1"}
+    return subprocess.run(["bash"], input=script, env=env, text=True, capture_output=True, check=True).stdout + " "

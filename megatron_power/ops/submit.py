@@ -98,6 +98,11 @@ def check(s: Submission) -> List[str]:
     return errors
 
 
+def named(s: Submission) -> bool:
+    """Whether the run folder is the one the overrides name (else it is named after the job)."""
+    return s.points_file is None and any(o.startswith("name=") for o in s.overrides)
+
+
 def render(s: Submission, config, job_name: str) -> str:
     """slurm/train.sbatch with this submission's #SBATCH lines in place of its defaults, and its
     settings given their values (the environment no longer changes them)."""
@@ -110,23 +115,27 @@ def render(s: Submission, config, job_name: str) -> str:
                (("time", s.time), ("partition", s.partition), ("account", s.account), ("array", s.array)) if value]
     sbatch += [f"--output={s.log_dir}/%x-{'%A_%a' if array else '%j'}.out", "--open-mode=append",
                f"--signal=B:USR1@{s.signal_lead}", "--requeue"]
-    # name and out_dir are the script's (the run is named after recipe and job)
+    # name and out_dir are the script's settings: a named run is that folder, which a later job given
+    # the same name resumes (after a crash, a rewind, for a larger budget); else a new run per job.
     overrides = [o for o in s.overrides if not o.startswith(("name=", "out_dir="))]
     settings = {
         "RECIPE": s.recipe, "OVERRIDES": " ".join(overrides), "OUT_DIR": str(Path(config.out_dir).absolute()),
-        "RUN": config.name, "POINTS_FILE": str(s.points_file.absolute()) if s.points_file else "",
+        "RUN": config.name, "RUN_NAME": config.name if named(s) else "",
+        "POINTS_FILE": str(s.points_file.absolute()) if s.points_file else "",
         "WORKDIR": str(ROOT), "PYTHON": "python" if s.container else sys.executable,  # this command's environment
         "CONTAINER": s.container or "", "CONTAINER_MOUNTS": s.container_mounts or "",
     }
-    lines, header_done = [], False
+    lines, header_done, in_settings = [], False, False
     for line in TEMPLATE.read_text().splitlines():
         if line.startswith("#SBATCH"):
             if not header_done:
                 lines += [f"#SBATCH {option}" for option in sbatch]
                 header_done = True
             continue
+        if line.startswith("# --- "):  # the settings block's first and last lines
+            in_settings = line.startswith("# --- settings")
         key = line.split("=", 1)[0]
-        if key in settings and line.startswith(f"{key}=${{{key}:-"):
+        if in_settings and key in settings and line.startswith(f"{key}=${{{key}:-"):
             value = f"{key}={shlex.quote(settings[key])}"
             comment = line.find("  #")
             line = value if comment < 0 else f"{value:<40} {line[comment:].lstrip()}"
@@ -154,6 +163,7 @@ def submit(s: Submission, dry_run: bool = False) -> int:
         print(f"error: sbatch refused {path}: {result.stderr.strip()}", file=sys.stderr)
         return result.returncode
     job_id = result.stdout.strip().split(";")[0]
-    runs = f"runs under {config.out_dir}" if s.points_file else f"run {config.out_dir}/{config.name}-{job_id}"
+    runs = (f"runs under {config.out_dir}" if s.points_file else
+            f"run {config.out_dir}/{config.name}{'' if named(s) else f'-{job_id}'}")
     print(f"submitted job {job_id}: script {path}, output {s.log_dir}/{job_name}-{job_id}{'_*' if s.array else ''}.out, {runs}")
     return 0
