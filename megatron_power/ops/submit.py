@@ -99,8 +99,9 @@ def check(s: Submission) -> List[str]:
 
 
 def named(s: Submission) -> bool:
-    """Whether the run folder is the one the overrides name (else it is named after the job)."""
-    return s.points_file is None and any(o.startswith("name=") for o in s.overrides)
+    """Whether the run folder is the one the overrides name (else it is named after the job, and
+    each task of an array after its index)."""
+    return not s.array and any(o.startswith("name=") for o in s.overrides)
 
 
 def render(s: Submission, config, job_name: str) -> str:
