@@ -156,6 +156,8 @@ def test_dry_run_renders_a_multi_node_gpu_script(default_data, tmp_path, capsys)
     assert "-m megatron_power.cli train dense3b" in trainer and "name=dense3b-1234 " in trainer, trainer
     assert cli.main(["submit", "dense3b", "--nodes", "16", "--dry-run", "name=my3b"]) == 0
     assert "name=my3b " in _trainer_command(capsys.readouterr().out, tmp_path)
+    assert cli.main(["submit", "dense3b", "--nodes", "16", "--dry-run", "--array", "0-1", "name=my3b"]) == 0
+    assert "\nRUN_NAME='' " in capsys.readouterr().out  # an array's tasks: a folder each, my3b-<job>_<task>
 
 
 def _trainer_command(script: str, tmp_path) -> str:
