@@ -149,6 +149,10 @@ def _tokenizer(args) -> int:
         raise ConfigError(f"--special-tokens: {', '.join(twice)} given more than once (each piece once)")
     paths = sources.check_inputs(args.inputs)
     require_writable(Path(args.out).absolute().parent, "--out", DataError)
+    existing = spm.model_path(Path(args.out))
+    if existing.exists():
+        raise DataError(f"--out {args.out}: {existing} exists (datasets encoded with it would no longer match its "
+                        f"ids); give another prefix, or delete it first")
     problems = sources.Problems(args.on_error)
     texts = sources.documents(paths, args.field, problems)
     model = spm.train(spm.paragraphs(texts), Path(args.out), args.vocab_size, args.model_type,

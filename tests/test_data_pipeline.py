@@ -45,6 +45,16 @@ def tokenizer(corpus, tmp_path_factory):
     return prefix.with_suffix(".model")
 
 
+def test_a_tokenizer_is_never_trained_over_an_existing_one(corpus, tokenizer, capsys):
+    """Datasets encoded with a tokenizer silently change meaning if its model is replaced."""
+    before = tokenizer.read_bytes()
+    assert run_cli("tokenizer", *corpus[0], "--out", tokenizer.with_suffix(""), "--vocab-size", 2000) == 2
+    assert capsys.readouterr().err == (f"error: --out {tokenizer.with_suffix('')}: {tokenizer} exists (datasets "
+                                       f"encoded with it would no longer match its ids); give another prefix, "
+                                       f"or delete it first\n")
+    assert tokenizer.read_bytes() == before
+
+
 def read_documents(prefix):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 

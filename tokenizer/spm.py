@@ -64,7 +64,12 @@ def train(sentences: Iterable[str], model_prefix: Path, vocab_size: int, model_t
         if error is None:
             raise
         raise error from None
-    return model_prefix.with_suffix(".model")
+    return model_path(model_prefix)
+
+
+def model_path(model_prefix: Path) -> Path:
+    """What sentencepiece writes for a prefix (which may hold dots of its own)."""
+    return model_prefix.with_name(model_prefix.name + ".model")
 
 
 def _vocabulary_error(message: str, vocab_size: int):
