@@ -437,8 +437,9 @@ def _rewind(args) -> int:
     if args.to is None:
         found = rewind.checkpoints(run)
         print(f"{run} has {len(found)} complete checkpoint{'s' * (len(found) != 1)}:")
-        for step, tokens, problem in found:
-            print(f"  step {step}: " + (f"damaged, {problem}" if problem else f"{tokens:,} tokens"))
+        for saved in found:
+            loss = f", loss {saved.loss:.4f}" if saved.loss is not None else ""
+            print(f"  step {saved.step}: " + (f"damaged, {saved.problem}" if saved.problem else f"{saved.tokens:,} tokens{loss}"))
         print(f"`megatron-power rewind {run} --to STEP` makes the next train of this run go on from STEP")
         return 0
     moved, aside = rewind.rewind(run, args.to)

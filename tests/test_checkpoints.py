@@ -146,7 +146,9 @@ def test_rewound_run_goes_on_from_the_chosen_checkpoint_and_keeps_the_newer_one(
     run = copy_run(finished, tmp_path)
     (run / "wandb-run-id").write_text("0123abcd")  # as a run with logging.wandb.project leaves it
     assert cli.main(["rewind", str(run)]) == 0
-    assert "  step 2: 4,096 tokens\n  step 4: 8,192 tokens\n  step 6: 12,288 tokens\n" in capsys.readouterr().out
+    losses = metrics(finished)[0]
+    assert "".join(f"  step {s}: {s * TOKENS_PER_STEP:,} tokens, loss {losses[s]:.4f}\n" for s in (2, 4, 6)) \
+        in capsys.readouterr().out
     run_lock.take(run)  # a job training this run
     assert cli.main(["rewind", str(run), "--to", "4"]) == 2
     run_lock.release()

@@ -11,12 +11,13 @@ removes it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 from megatron_power.config.schema import FINISHED, from_yaml
 from megatron_power.errors import CheckpointError, ConfigError
@@ -40,13 +41,22 @@ def _step(path: Path) -> int:
     return int(_SAVE.fullmatch(path.name).group(1))
 
 
-def checkpoints(run_dir: Path) -> List[Tuple[int, int, str]]:
-    """(step, tokens seen, why it cannot be loaded or "") of each complete checkpoint of a run, oldest first."""
+class Saved(NamedTuple):
+    step: int
+    tokens: int  # seen by then
+    loss: Optional[float]  # the training loss of that step, from metrics.jsonl
+    problem: str  # why it cannot be loaded; "" when it can
+
+
+def checkpoints(run_dir: Path) -> List[Saved]:
+    """The complete checkpoints of a run, oldest first, with what tells one to go back to."""
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    losses = {row["step"]: row["loss"] for row in map(json.loads, rows) if "loss" in row}
     found = []
     for path in checkpoint.complete(_checkpoint_dir(run_dir)):
         problem = checkpoint.intact(path)
         tokens = checkpoint.saved_state(path)["train_state"]["consumed_tokens"] if problem is None else 0
-        found.append((_step(path), tokens, problem or ""))
+        found.append(Saved(_step(path), tokens, losses.get(_step(path)), problem or ""))
     return found
 
 
