@@ -119,6 +119,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(default_data, tmp_path):
     assert result.returncode == 3, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "3 consecutive steps" in errors[0], result.stderr[-2000:]
+    assert f"`megatron-power rewind {tmp_path / 'diverge'}` lists earlier ones" in errors[0]
     assert "update skipped" in result.stdout
     ckpts = tmp_path / "diverge" / "checkpoints"
     # Only the step before the first bad one was saved; it is intact and still the latest.

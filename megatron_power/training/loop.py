@@ -262,7 +262,8 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
                 raise NonFiniteError(
                     f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or grad norm "
                     f"(last at step {state.step}); stopping. The last good checkpoint is "
-                    f"{checkpoint.latest(ckpt_dir) or 'none (no checkpoint was saved yet)'}")
+                    f"{checkpoint.latest(ckpt_dir) or 'none (no checkpoint was saved yet)'}; `megatron-power "
+                    f"rewind {config.run_dir}` lists earlier ones to go on from, with a lower schedule.lr_max say")
         log.step(state.step, state.consumed_tokens, result.loss, lr, result.grad_norm, state.skipped_steps, batch)
         b_simple = _track_noise_scale(state, probe, log) if probe and result.finite else None
         if expert_load is not None:
