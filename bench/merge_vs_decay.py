@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from megatron_power import cli  # noqa: E402
+from megatron_power.training import checkpoint  # noqa: E402
 
 TOKENS_PER_STEP = 32 * 256  # the proxy's global batch x sequence length
 MERGES = [(2, "linear"), (4, "linear"), (8, "linear"), (8, "uniform"), (8, "cosine"), (8, "1-sqrt")]
@@ -59,7 +60,7 @@ def main():
                    f"train.eval_interval={args.interval * 4}", f"checkpoint.interval={args.interval}",
                    "checkpoint.keep=1000", f"checkpoint.merge.interval={args.interval * 4}",
                    "checkpoint.merge.last=4", "checkpoint.merge.weights=linear")
-    branch = args.out / "stage1" / "checkpoints" / f"iter_{args.steps - args.decay_steps:07d}"
+    branch = checkpoint.path_of(args.out / "stage1" / "checkpoints", args.steps - args.decay_steps)
     stage2 = train("stage2", args.out, f"train.tokens={tokens}", "train.stage=2", f"checkpoint.init_from={branch}",
                    f"schedule.decay={args.decay_steps * TOKENS_PER_STEP}", f"train.eval_interval={args.interval * 4}")
     config = args.out / "stage1" / "config.yaml"

@@ -87,7 +87,7 @@ def test_garbled_or_missing_marker_falls_back_to_the_newest_checkpoint(finished,
 def test_no_intact_checkpoint_stops_rather_than_starting_over(finished, tmp_path):
     ckpts = copy_run(finished, tmp_path) / "checkpoints"
     for step in (2, 4, 6):
-        garble_common_state(ckpts / f"iter_{step:07d}")
+        garble_common_state(checkpoint.path_of(ckpts, step))
     with pytest.raises(CheckpointError, match="no checkpoint in .* is intact"):
         checkpoint.newest(ckpts)
 
@@ -220,7 +220,8 @@ def test_second_job_is_refused_and_ctrl_c_saves_and_exits(default_data, tmp_path
     assert first.returncode == 0, stderr[-2000:]
     assert "Ctrl-C: saving a checkpoint" in stderr and "stop requested: checkpoint saved at step" in stdout
     stopped_at = max(metrics(tmp_path / "busy")[0])
-    assert checkpoint.latest(tmp_path / "busy" / "checkpoints").name == f"iter_{stopped_at:07d}"
+    ckpts = tmp_path / "busy" / "checkpoints"
+    assert checkpoint.latest(ckpts) == checkpoint.path_of(ckpts, stopped_at)
 
 
 @pytest.mark.slow

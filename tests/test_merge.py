@@ -13,6 +13,7 @@ import torch
 from helpers import ROOT, environment, megatron_power, records, run_train, truncate
 from megatron_power import cli
 from megatron_power.convert.torch_dist import TorchDistCheckpoint
+from megatron_power.training import checkpoint
 from megatron_power.training.merge import coefficients
 
 STEPS = 5
@@ -123,7 +124,7 @@ def test_merge_is_the_weighted_sum_in_bounded_memory_and_reads_in_any_layout(run
     assert [r["step"] for r in logged] == [STEPS]
     result = megatron_power("eval", run / "config.yaml", f"checkpoint.init_from={out}", "parallel.tp=2", nproc=2)
     loss = float(result.stdout.split("validation loss")[1].split()[0])
-    assert f"({out / 'iter_{:07d}'.format(STEPS)}, " in result.stdout, result.stdout  # the checkpoint it read
+    assert f"({checkpoint.path_of(out, STEPS)}, " in result.stdout, result.stdout  # the checkpoint it read
     assert loss == pytest.approx(logged[0]["valid_loss_merged"], abs=1e-5)
     assert loss < records(run, "valid_loss")[-1]["valid_loss"] + 1.0  # a model, not noise
 

@@ -104,7 +104,7 @@ def test_run_killed_again_and_again_ends_with_the_uninterrupted_losses(default_d
     assert "stop requested: checkpoint saved" in more, more
     assert not (tmp_path / "whole" / FINISHED).exists()
     stopped = checkpoint.latest(tmp_path / "whole" / "checkpoints")
-    (last_lr,) = [r["lr"] for r in records(tmp_path / "whole", "lr") if r["step"] == int(stopped.name[5:])]
+    (last_lr,) = [r["lr"] for r in records(tmp_path / "whole", "lr") if r["step"] == checkpoint.step_of(stopped)]
     groups = load_common_state_dict(str(stopped))["optimizer"]["param_groups"]
     assert {(g["max_lr"], g["betas"]) for g in groups} == {(0.03, (0.9, 0.98))}, groups
     assert [g["lr"] for g in groups] == pytest.approx([last_lr * g["lr_mult"] for g in groups], rel=1e-12)

@@ -51,8 +51,8 @@ def _sharded_state_dict(model, optimizer, state: Optional[dict], is_loading: boo
 
 def save(root: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
     """Save a complete checkpoint of `step`, then point "latest" at it and prune older ones."""
-    final = root / f"iter_{step:07d}"
-    tmp = root / f"iter_{step:07d}.tmp"
+    final = path_of(root, step)
+    tmp = final.with_name(final.name + TMP)
     rank0 = dist.get_rank() == 0
     if rank0:
         root.mkdir(parents=True, exist_ok=True)
@@ -105,6 +105,18 @@ def _no_space(error: BaseException, root: Path) -> bool:
 
 
 _NAME = re.compile(r"iter_(\d{7})")
+TMP = ".tmp"  # a checkpoint being written
+
+
+def path_of(root: Path, step: int) -> Path:
+    """Where the complete checkpoint of `step` is in `root`."""
+    return root / f"iter_{step:07d}"
+
+
+def step_of(path: Path) -> Optional[int]:
+    """The step of a checkpoint directory, complete or being written; None for any other name."""
+    found = _NAME.fullmatch(path.name.removesuffix(TMP))
+    return int(found.group(1)) if found else None
 
 
 def complete(root: Path) -> List[Path]:
@@ -117,7 +129,7 @@ def complete(root: Path) -> List[Path]:
 def _prune(root: Path, step: int, keep: int) -> None:
     """Keep the checkpoint of `step` and the keep - 1 newest before it; never touch later ones (a run
     that fell back from a damaged checkpoint writes below it until it saves that step again)."""
-    older = [p for p in complete(root) if int(_NAME.fullmatch(p.name).group(1)) < step]
+    older = [p for p in complete(root) if step_of(p) < step]
     for old in older[:max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
 

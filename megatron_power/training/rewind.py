@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -25,8 +24,6 @@ from megatron_power.training import checkpoint, run_lock
 from megatron_power.training.metrics import WANDB_RUN_ID
 
 ASIDE = "rewound"
-# A checkpoint, complete or being written.
-_SAVE = re.compile(r"iter_(\d{7})(\.tmp)?")
 
 
 def _checkpoint_dir(run_dir: Path) -> Path:
@@ -35,10 +32,6 @@ def _checkpoint_dir(run_dir: Path) -> Path:
         raise ConfigError(f"{run_dir} is not a run folder (it has no config.yaml; expected runs/<name>)")
     # Not config.checkpoint_dir: the folder may have been moved or copied since its config was written.
     return Path(from_yaml(saved.read_text()).checkpoint.dir or run_dir / "checkpoints")
-
-
-def _step(path: Path) -> int:
-    return int(_SAVE.fullmatch(path.name).group(1))
 
 
 class Saved(NamedTuple):
@@ -56,28 +49,29 @@ def checkpoints(run_dir: Path) -> List[Saved]:
     for path in checkpoint.complete(_checkpoint_dir(run_dir)):
         problem = checkpoint.intact(path)
         tokens = checkpoint.saved_state(path)["train_state"]["consumed_tokens"] if problem is None else 0
-        found.append(Saved(_step(path), tokens, losses.get(_step(path)), problem or ""))
+        step = checkpoint.step_of(path)
+        found.append(Saved(step, tokens, losses.get(step), problem or ""))
     return found
 
 
 def rewind(run_dir: Path, step: int) -> Tuple[List[str], Path]:
-    """Make the checkpoint of `step` the one `run_dir` resumes from. Returns what was to_move aside
-    and where it went. Raises ConfigError or CheckpointError, changing nothing, when the run is
+    """Make the checkpoint of `step` the one `run_dir` resumes from. Returns the names of what was moved
+    aside and where it went. Raises ConfigError or CheckpointError, changing nothing, when the run is
     in use or has no intact checkpoint of that step."""
     root = _checkpoint_dir(run_dir)
     holder = run_lock.take(run_dir)
     if holder is not None:
         raise ConfigError(f"{run_dir} is in use by a run ({holder}); stop it before rewinding")
     try:
-        target = root / f"iter_{step:07d}"
+        target = checkpoint.path_of(root, step)
         saved = checkpoint.complete(root)
         if target not in saved:
-            have = ", ".join(str(_step(p)) for p in saved) or "none"
+            have = ", ".join(str(checkpoint.step_of(p)) for p in saved) or "none"
             raise CheckpointError(f"{root} has no complete checkpoint of step {step} (it has steps: {have})")
         problem = checkpoint.intact(target)
         if problem is not None:
             raise CheckpointError(f"the checkpoint of step {step} is damaged: {problem}; nothing was changed")
-        to_move = sorted(p for p in root.iterdir() if _SAVE.fullmatch(p.name) and _step(p) > step)
+        to_move = sorted(p for p in root.iterdir() if (s := checkpoint.step_of(p)) is not None and s > step)
         aside = root / ASIDE / time.strftime("%Y%m%d-%H%M%S")
         if to_move:
             aside.mkdir(parents=True, exist_ok=True)
