@@ -59,12 +59,18 @@ def last_checkpoints(root: Path, n: int) -> List[Path]:
     if len(found) < n:
         raise CheckpointError(f"{root} holds {len(found)} complete checkpoint{'s' * (len(found) != 1)}, "
                               f"fewer than the {n} to merge")
-    chosen = found[-n:]
-    for path in chosen:
+    return _all_intact(found[-n:])
+
+
+def _all_intact(paths: Sequence[Path]) -> List[Path]:
+    """`paths`, once each is known to be whole."""
+    from megatron_power.training import checkpoint
+
+    for path in paths:
         problem = checkpoint.intact(path)
         if problem is not None:
             raise CheckpointError(f"checkpoint {path} is damaged: {problem}; nothing was merged")
-    return chosen
+    return list(paths)
 
 
 def fill_merged(model, paths: Sequence[Path], weights: Sequence[float]) -> None:
@@ -113,7 +119,6 @@ def evaluate_merged(model, paths: Sequence[Path], weights: Sequence[float], eval
 def _sources(given: Sequence[Path], last: int) -> List[Path]:
     """The checkpoints to merge: the last `last` of a run folder or checkpoints directory, or the
     iter_* directories given (all of them when `last` is 0)."""
-    from megatron_power.training import checkpoint
 
     if len(given) == 1 and not (given[0] / "metadata.json").is_file():
         root = given[0] / "checkpoints" if (given[0] / "checkpoints").is_dir() else given[0]
@@ -128,12 +133,7 @@ def _sources(given: Sequence[Path], last: int) -> List[Path]:
             raise CheckpointError(f"{path} is not a checkpoint (expected an iter_* directory with metadata.json)")
     if last > len(given):
         raise CheckpointError(f"{len(given)} checkpoints given, fewer than --last {last}")
-    chosen = list(given[-last:] if last else given)
-    for path in chosen:
-        problem = checkpoint.intact(path)
-        if problem is not None:
-            raise CheckpointError(f"checkpoint {path} is damaged: {problem}; nothing was merged")
-    return chosen
+    return _all_intact(given[-last:] if last else given)
 
 
 def write_merged(given: Sequence[Path], last: int, weights: str, out: Path, overwrite: bool = False) -> List[float]:
