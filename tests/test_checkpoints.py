@@ -7,15 +7,16 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
 from helpers import ROOT, SMALL, TOKENS_PER_STEP, command, metrics, records, run_train, truncate
 from megatron_power import cli
-from megatron_power.config import FINISHED
+from megatron_power.config import FINISHED, from_yaml, to_yaml
 from megatron_power.errors import CheckpointError
-from megatron_power.training import checkpoint, run_lock
+from megatron_power.training import checkpoint, rewind, run_lock
 
 STEPS = 6
 OVERRIDES = SMALL + [f"train.tokens={STEPS * TOKENS_PER_STEP}", "checkpoint.interval=2", "checkpoint.keep=3"]
@@ -173,6 +174,20 @@ def test_rewound_run_goes_on_from_the_chosen_checkpoint_and_keeps_the_newer_one(
     assert checkpoint.intact(aside / "iter_0000006") is None
     assert cli.main(["rewind", str(run), "--to", "6"]) == 0
     assert "step 6 is already the newest checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_folder_names_its_checkpoints_wherever_checkpoint_dir_put_them(finished, tmp_path):
+    """A cluster's runs keep checkpoints on scratch (checkpoint.dir): eval, convert, merge and
+    rewind, given the run folder, find them there."""
+    run = copy_run(finished, tmp_path)
+    scratch = tmp_path / "scratch"
+    shutil.move(run / "checkpoints", scratch)
+    config = from_yaml((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(to_yaml(replace(config, checkpoint=replace(config.checkpoint, dir=str(scratch)))))
+    assert checkpoint.resolve(run) == checkpoint.path_of(scratch, STEPS)
+    assert checkpoint.checkpoints_dir(run) == scratch
+    assert [saved.step for saved in rewind.checkpoints(run)] == [2, 4, 6]
 
 
 @pytest.mark.slow

@@ -213,6 +213,16 @@ def latest(root: Path) -> Optional[Path]:
     return newest(root)[0]
 
 
+def checkpoints_dir(path: Path) -> Path:
+    """The checkpoints directory `path` names: a run folder's (its config.yaml's checkpoint.dir,
+    else its checkpoints/), or `path` itself."""
+    saved = path / "config.yaml"
+    if saved.is_file():
+        # Not the saved config's checkpoint_dir: the run folder may have been moved or copied since.
+        return Path(from_yaml(saved.read_text()).checkpoint.dir or path / "checkpoints")
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
 def resolve(path: Path) -> Path:
     """A checkpoint named by its run folder or its run's checkpoints directory (its latest), or by itself."""
     if not path.is_dir():
@@ -220,7 +230,7 @@ def resolve(path: Path) -> Path:
                               f"or one of its iter_* checkpoints)")
     if (path / "metadata.json").is_file():
         return path
-    found = latest(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+    found = latest(checkpoints_dir(path))
     if found is None:
         raise CheckpointError(f"{path} holds no checkpoint (expected a dist_checkpointing directory with "
                               f"metadata.json, a checkpoints directory with a '{LATEST}' marker, or a run folder)")

@@ -119,9 +119,10 @@ def evaluate_merged(model, paths: Sequence[Path], weights: Sequence[float], eval
 def _sources(given: Sequence[Path], last: int) -> List[Path]:
     """The checkpoints to merge: the last `last` of a run folder or checkpoints directory, or the
     iter_* directories given (all of them when `last` is 0)."""
+    from megatron_power.training import checkpoint
 
     if len(given) == 1 and not (given[0] / "metadata.json").is_file():
-        root = given[0] / "checkpoints" if (given[0] / "checkpoints").is_dir() else given[0]
+        root = checkpoint.checkpoints_dir(given[0])
         if not root.is_dir():
             raise CheckpointError(f"{given[0]} is not a directory (expected a run folder, its checkpoints "
                                   f"directory, or iter_* checkpoints)")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Tuple
 
-from megatron_power.config.schema import FINISHED, from_yaml
+from megatron_power.config.schema import FINISHED
 from megatron_power.errors import CheckpointError, ConfigError
 from megatron_power.training import checkpoint, run_lock
 from megatron_power.training.metrics import WANDB_RUN_ID
@@ -27,11 +27,9 @@ ASIDE = "rewound"
 
 
 def _checkpoint_dir(run_dir: Path) -> Path:
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
+    if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (it has no config.yaml; expected runs/<name>)")
-    # Not config.checkpoint_dir: the folder may have been moved or copied since its config was written.
-    return Path(from_yaml(saved.read_text()).checkpoint.dir or run_dir / "checkpoints")
+    return checkpoint.checkpoints_dir(run_dir)
 
 
 class Saved(NamedTuple):
