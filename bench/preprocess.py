@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from megatron_power.config import DEFAULT_DATA_DIR
 from tokenizer import preprocess, sources
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +73,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     subprocess.run([str(BIN / "megatron-power"), "data"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    model_file = ROOT / "data" / "stdlib" / "tokenizer.model"
+    model_file = DEFAULT_DATA_DIR / "tokenizer.model"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = tmp / "corpus.jsonl"

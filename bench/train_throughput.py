@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from megatron_power.config import load_config  # noqa: E402
+from megatron_power.config import DEFAULT_DATA_DIR, load_config  # noqa: E402
 from megatron_power.training.model import padded_vocab_size  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def plain_loop_tokens_per_s(config, steps: int, warmup: int) -> float:
     torch.manual_seed(0)
     model = GraniteForCausalLM(hf).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1)
-    tokens = np.fromfile(ROOT / "data" / "stdlib" / "train.bin", dtype=np.uint16).astype(np.int64)
+    tokens = np.fromfile(DEFAULT_DATA_DIR / "train.bin", dtype=np.uint16).astype(np.int64)
     n_micro = t.global_batch_size // t.micro_batch_size
     per_step = t.global_batch_size * m.seq_length
     times = []

@@ -22,6 +22,7 @@ GPU_ENV = {"CUDA_VISIBLE_DEVICES": _VISIBLE}  # None: unset, every GPU visible
 import pytest  # noqa: E402
 
 from helpers import BIN, ROOT, environment  # noqa: E402
+from megatron_power.config import DEFAULT_DATA_DIR  # noqa: E402
 
 
 def _count_gpus() -> int:
@@ -41,4 +42,4 @@ def default_data():
     """The default corpus, built by the project's own `data` verb (reused when complete)."""
     subprocess.run([str(BIN / "megatron-power"), "data"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
-    return ROOT / "data" / "stdlib"
+    return DEFAULT_DATA_DIR
