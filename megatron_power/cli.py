@@ -448,7 +448,8 @@ def _rewind(args) -> int:
         return 0
     print(f"{run} now resumes from step {args.to}: {', '.join(moved)} and a copy of metrics.jsonl were moved to "
           f"{aside} (remove it once it is no longer needed). Train the run again to go on from there, "
-          f"with any override it needs (a lower schedule.lr_max, say); the log names each one.")
+          f"with any override it needs (a lower schedule.lr_max; train.skip_steps=A-B to pass over the data of "
+          f"the steps around a spike); the log names each one.")
     return 0
 
 

@@ -143,7 +143,8 @@ def test_run_resumes_past_a_damaged_checkpoint_to_the_same_losses(finished, tmp_
 @pytest.mark.slow
 def test_rewound_run_goes_on_from_the_chosen_checkpoint_and_keeps_the_newer_one(finished, tmp_path, capsys):
     """After a loss spike: `rewind --to 4` moves step 6's checkpoint, finished.json, the wandb run's
-    id and a copy of metrics.jsonl aside, and the run trains steps 5 and 6 again from step 4."""
+    id and a copy of metrics.jsonl aside, and the run trains steps 5 and 6 again from step 4, or
+    passes over step 5's data (train.skip_steps)."""
     run = copy_run(finished, tmp_path)
     (run / "wandb-run-id").write_text("0123abcd")  # as a run with logging.wandb.project leaves it
     assert cli.main(["rewind", str(run)]) == 0
@@ -174,6 +175,19 @@ def test_rewound_run_goes_on_from_the_chosen_checkpoint_and_keeps_the_newer_one(
     assert checkpoint.intact(aside / "iter_0000006") is None
     assert cli.main(["rewind", str(run), "--to", "6"]) == 0
     assert "step 6 is already the newest checkpoint" in capsys.readouterr().out
+
+    # Going back again and passing over step 5's data (PaLM's remedy): step 6 trains on its own
+    # data at its own lr and token count, from step 4's weights.
+    assert cli.main(["rewind", str(run), "--to", "4"]) == 0
+    skipping = run_train(tmp_path, "copy", OVERRIDES + ["train.skip_steps=5"])
+    assert "step 5: data passed over (train.skip_steps), nothing trained" in skipping.stdout, skipping.stdout
+    assert sorted(metrics(run)[0]) == [1, 2, 3, 4, 6] and metrics(run)[0][6] != losses[6]
+    (lr,), (expected_lr,) = ([r["lr"] for r in records(d, "lr") if r["step"] == 6] for d in (run, finished))
+    assert lr == expected_lr
+    state, expected = (checkpoint.saved_state(checkpoint.path_of(d / "checkpoints", 6))["train_state"]
+                       for d in (run, finished))
+    assert (state["consumed_samples"], state["consumed_tokens"]) == (expected["consumed_samples"],
+                                                                     expected["consumed_tokens"])
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ BAD = [
     (["data.train=[missing/prefix]"], 1, "data.train: missing/prefix.bin/.idx not found"),
     (["data.tokenizer=nowhere.model"], 1, "data.tokenizer: nowhere.model not found"),
     (["schedule.b=0.5"], 1, "schedule.b must be negative"),
+    (["train.skip_steps=9-5"], 1, "train.skip_steps: '9-5' is not a step or a range of steps"),
     (["schedule.a=0"], 1, "schedule.a must be positive"),
     (["schedule.reference_seq_length=0"], 1, "schedule.reference_seq_length must be a positive number of tokens"),
     (["schedule.kind=triangle"], 1, "schedule.kind 'triangle' is unknown"),

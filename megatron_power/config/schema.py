@@ -141,6 +141,11 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 4
     max_nonfinite_steps: int = 3  # consecutive NaN/Inf steps that stop the run
+    # After a loss spike, with `rewind`: steps whose data is passed over, e.g. "1201-1500" or "5,9-10"
+    # (PaLM's remedy: go back ~100 steps before the spike, skip 200-500 batches). Such a step updates
+    # nothing, and counts toward train.tokens and the lr schedule as if trained, so the run ends where it
+    # would have and each later step keeps its data and lr.
+    skip_steps: str = ""
     # Steps between measurements of the gradient noise scale B_simple (training/probes/noise_scale.py); 0: off.
     noise_scale_interval: int = 0
     # On GPUs, refuse a layout that the planner (ops/plan.py) says does not fit in a GPU's memory.
@@ -296,6 +301,19 @@ def parse_count(text):
     if value != int(value):
         raise ValueError(f"'{text}' is neither a whole count of tokens nor a fraction below 1")
     return int(value)
+
+
+def parse_steps(text: str) -> List[range]:
+    """'5,9-10' -> [range(5, 6), range(9, 11)]; '' -> []."""
+    ranges = []
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        first = int(m.group(1)) if m else 0
+        last = int(m.group(2) or first) if m else 0
+        if first < 1 or last < first:
+            raise ValueError(f"'{part}' is not a step or a range of steps (expected e.g. 5 or 1201-1500, from 1 up)")
+        ranges.append(range(first, last + 1))
+    return ranges
 
 
 def parse_blend(entries: List[str], field_name: str):

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import List, Optional
 
-from megatron_power.config.schema import NAME_PATTERN, Config, DataConfig, parse_blend, world_size_from_env
+from megatron_power.config.schema import NAME_PATTERN, Config, DataConfig, parse_blend, parse_steps, world_size_from_env
 from megatron_power.errors import ConfigError
 from megatron_power.training import batch_schedule, merge, schedule
 from megatron_power.writable import unwritable
@@ -110,6 +110,10 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
             errors.append(f"checkpoint.init_from: {e}")
     need(t.noise_scale_interval >= 0, f"train.noise_scale_interval must be >= 0, got {t.noise_scale_interval}")
     need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+    try:
+        parse_steps(t.skip_steps)
+    except ValueError as e:
+        errors.append(f"train.skip_steps: {e}")
     pf = c.profile
     need(pf.start_step >= 0 and pf.steps >= 1,
          f"profile.start_step must be >= 0 (0: off) and profile.steps >= 1, got {pf.start_step} and {pf.steps}")

@@ -12,6 +12,7 @@ from megatron_power.config.schema import (
     from_yaml,
     model_vocab_size,
     parse_blend,
+    parse_steps,
     setting_changes,
     to_yaml,
     world_size_from_env,
@@ -48,6 +49,12 @@ class TrainState:
     samples_read_before: dict = field(default_factory=dict)
     global_batch_size: int = 0  # of the next step (0: not yet decided)
     batch_changes: list = field(default_factory=list)  # {"step", "tokens", "batch"}: the first step at a new batch
+
+    def advance(self, batch: int, seq_length: int) -> None:
+        """Count a step of `batch` sequences, trained or passed over (train.skip_steps)."""
+        self.step += 1
+        self.consumed_samples += batch
+        self.consumed_tokens += batch * seq_length
 
 
 NOISE_SCALE_DECAY = 0.9  # per measurement; the estimate averages roughly the last ten
@@ -86,6 +93,18 @@ def _next_batch(config: Config, state: TrainState, b_simple=None) -> int:
         return current
     last_change = state.batch_changes[-1]["tokens"] if state.batch_changes else 0
     return grown_batch(current, b_simple, state.consumed_tokens, last_change, t, config.model.seq_length)
+
+
+def _batch_after(config: Config, state: TrainState, batch: int, log: MetricsLogger, b_simple=None) -> int:
+    """The global batch of the next step, kept in `state` and logged where it changes."""
+    state.global_batch_size = _next_batch(config, state, b_simple)
+    if state.global_batch_size != batch:
+        state.batch_changes.append({"step": state.step + 1, "tokens": state.consumed_tokens,
+                                    "batch": state.global_batch_size})
+        log.info(change_line(state.step + 1, state.consumed_tokens, batch, state.global_batch_size, b_simple))
+        log.final_step = state.step + steps_left(config.train, config.model.seq_length, state.consumed_tokens,
+                                                 state.global_batch_size)
+    return state.global_batch_size
 
 
 def _restore(config: Config, model, optimizer, vocab_size: int):
@@ -232,8 +251,18 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
         # A finished run given a larger budget is unfinished until it reaches it: a SLURM job stopped
         # before then must requeue, and a sweep must not take it for done.
         (config.run_dir / FINISHED).unlink(missing_ok=True)
+    skips = parse_steps(t.skip_steps)
     # The budget is in tokens, so a run resumed with another batch size ends where it should.
     while state.consumed_tokens + batch * seq <= t.tokens:
+        passing = next((steps for steps in skips if state.step + 1 in steps), None)
+        if passing is not None:
+            if state.step + 1 == passing.start or state.step == log.start_step:
+                first, last = state.step + 1, passing[-1]
+                log.info(f"step{f's {first}-{last}' if last > first else f' {first}'}: data passed over "
+                         f"(train.skip_steps), nothing trained")
+            state.advance(batch, seq)
+            batch = _batch_after(config, state, batch, log)
+            continue
         if graphs and graphs.before_step(batch):
             log.info(f"CUDA graphs of each layer's {', '.join(graphed_modules(config, rt.hardware))} captured "
                      f"before step {state.step + 1}; training steps from there replay them")
@@ -248,9 +277,7 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
             probe = FirstMicrobatchProbe(model, t.micro_batch_size, batch, len(batches), config.parallel.ep, rt.device)
         result = train_step(config, model, optimizer, batches, rt, stop.requested, probe)
 
-        state.step += 1
-        state.consumed_samples += batch
-        state.consumed_tokens += batch * seq
+        state.advance(batch, seq)
         if result.finite:
             state.consecutive_nonfinite = 0
         else:
@@ -272,13 +299,7 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
                 _track_router(config, state.step, routed_microbatches, log.writer, expert_load)
                 routed_microbatches = 0
         # Decided before the checkpoint, which then holds the batch the next step uses.
-        state.global_batch_size = _next_batch(config, state, b_simple)
-        if state.global_batch_size != batch:
-            state.batch_changes.append({"step": state.step + 1, "tokens": state.consumed_tokens,
-                                        "batch": state.global_batch_size})
-            log.info(change_line(state.step + 1, state.consumed_tokens, batch, state.global_batch_size, b_simple))
-            batch = state.global_batch_size
-            log.final_step = state.step + steps_left(t, seq, state.consumed_tokens, batch)
+        batch = _batch_after(config, state, batch, log, b_simple)
 
         last = state.consumed_tokens + batch * seq > t.tokens
         saving = (result.finite and (state.step % config.checkpoint.interval == 0 or last)) or result.stop
