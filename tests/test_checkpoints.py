@@ -6,8 +6,10 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,16 +194,23 @@ def test_rewound_run_goes_on_from_the_chosen_checkpoint_and_keeps_the_newer_one(
 
 @pytest.mark.slow
 def test_a_run_folder_names_its_checkpoints_wherever_checkpoint_dir_put_them(finished, tmp_path):
-    """A cluster's runs keep checkpoints on scratch (checkpoint.dir): eval, convert, merge and
-    rewind, given the run folder, find them there."""
+    """A cluster's runs keep checkpoints on a scratch filesystem (checkpoint.dir): eval, convert,
+    merge and rewind, given the run folder, find them there, and rewind moves the run folder's
+    files aside across filesystems (/dev/shm stands for the other one, where the machine has it)."""
     run = copy_run(finished, tmp_path)
-    scratch = tmp_path / "scratch"
-    shutil.move(run / "checkpoints", scratch)
-    config = from_yaml((run / "config.yaml").read_text())
-    (run / "config.yaml").write_text(to_yaml(replace(config, checkpoint=replace(config.checkpoint, dir=str(scratch)))))
-    assert checkpoint.resolve(run) == checkpoint.path_of(scratch, STEPS)
-    assert checkpoint.checkpoints_dir(run) == scratch
-    assert [saved.step for saved in rewind.checkpoints(run)] == [2, 4, 6]
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else tmp_path) as elsewhere:
+        scratch = Path(elsewhere) / "checkpoints"
+        shutil.move(run / "checkpoints", scratch)
+        config = from_yaml((run / "config.yaml").read_text())
+        (run / "config.yaml").write_text(to_yaml(replace(config, checkpoint=replace(config.checkpoint, dir=str(scratch)))))
+        assert checkpoint.resolve(run) == checkpoint.path_of(scratch, STEPS)
+        assert checkpoint.checkpoints_dir(run) == scratch
+        assert [saved.step for saved in rewind.checkpoints(run)] == [2, 4, 6]
+        assert cli.main(["rewind", str(run), "--to", "4"]) == 0
+        (aside,) = (scratch / "rewound").iterdir()
+        assert sorted(p.name for p in aside.iterdir()) == [FINISHED, "iter_0000006", "metrics.jsonl"]
+        assert not (run / FINISHED).exists()
+        assert checkpoint.newest(scratch) == (checkpoint.path_of(scratch, 4), [])
 
 
 @pytest.mark.slow

@@ -69,19 +69,23 @@ def rewind(run_dir: Path, step: int) -> Tuple[List[str], Path]:
         problem = checkpoint.intact(target)
         if problem is not None:
             raise CheckpointError(f"the checkpoint of step {step} is damaged: {problem}; nothing was changed")
-        to_move = sorted(p for p in root.iterdir() if (s := checkpoint.step_of(p)) is not None and s > step)
+        newer = sorted(p for p in root.iterdir() if (s := checkpoint.step_of(p)) is not None and s > step)
+        # finished.json: it has steps to train again, which a sweep or SLURM job must know.
+        # The wandb run's id: wandb keeps what a run was sent, so the redone steps would stand
+        # beside the abandoned ones in one chart; they go to a new wandb run of the same name.
+        run_files = [run_dir / name for name in (FINISHED, WANDB_RUN_ID) if newer and (run_dir / name).is_file()]
         aside = root / ASIDE / time.strftime("%Y%m%d-%H%M%S")
-        if to_move:
+        if newer:
             aside.mkdir(parents=True, exist_ok=True)
             if (run_dir / "metrics.jsonl").is_file():
                 shutil.copy2(run_dir / "metrics.jsonl", aside / "metrics.jsonl")
-            # finished.json: it has steps to train again, which a sweep or SLURM job must know.
-            # The wandb run's id: wandb keeps what a run was sent, so the redone steps would stand
-            # beside the abandoned ones in one chart; they go to a new wandb run of the same name.
-            to_move += [run_dir / name for name in (FINISHED, WANDB_RUN_ID) if (run_dir / name).is_file()]
-            for path in to_move:
+            # The run folder's files first: with checkpoint.dir on another filesystem they are
+            # copied, and a copy that fails leaves every checkpoint where it was.
+            for path in run_files:
+                shutil.move(path, aside / path.name)
+            for path in newer:
                 os.replace(path, aside / path.name)
         checkpoint.mark_latest(root, target)
-        return [p.name for p in to_move], aside
+        return [p.name for p in newer + run_files], aside
     finally:
         run_lock.release()
