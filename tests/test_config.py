@@ -295,3 +295,18 @@ def test_config_smoke_prints_what_make_train_smoke_trains(capsys):
     printed = capsys.readouterr().out
     assert "name: moe3b-smoke" in printed and "  ep: 2\n" in printed and "  num_layers: 2\n" in printed
     assert cli.main(["config", "moe3b", "--smoke", "--world-size", "3"]) == 2  # EP 2 does not divide 3
+
+
+def test_a_saved_config_from_before_a_setting_was_added_has_not_changed():
+    """A run or sweep point saved by an older version (without train.skip_steps) resumes with no
+    change named: a setting it did not have ran as its default. A value it did not have is named."""
+    from dataclasses import replace
+
+    from megatron_power.config import setting_changes, to_yaml
+
+    config = load_config("proxy", check_paths=False)
+    saved = to_yaml(config).replace("  skip_steps: ''\n", "")
+    assert "skip_steps" not in saved
+    assert setting_changes(saved, to_yaml(config)) == []
+    skipping = replace(config, train=replace(config.train, skip_steps="5"))
+    assert setting_changes(saved, to_yaml(skipping)) == ["train.skip_steps:  -> 5"]

@@ -369,6 +369,8 @@ def setting_changes(old_yaml: str, new_yaml: str, ignore=()) -> List[str]:
                 yield f"{prefix}{key}", value
 
     old, new = (dict(flat(OmegaConf.to_container(OmegaConf.create(text)))) for text in (old_yaml, new_yaml))
+    # A setting added since the old recipe was saved: that run had the behaviour of its default.
+    old = {**dict(flat(OmegaConf.to_container(OmegaConf.structured(Config)))), **old}
     return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in {**new, **old}
             if old.get(key) != new.get(key) and key not in ignore]
 
