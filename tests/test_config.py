@@ -30,6 +30,8 @@ BAD = [
     (["data.tokenizer=nowhere.model"], 1, "data.tokenizer: nowhere.model not found"),
     (["schedule.b=0.5"], 1, "schedule.b must be negative"),
     (["train.skip_steps=9-5"], 1, "train.skip_steps: '9-5' is not a step or a range of steps"),
+    (["train.skip_steps=5-6", "profile.start_step=3"], 1, "profiles steps 3-6 (the last counts host "
+     "synchronisations), which train.skip_steps (5-6) passes over"),
     (["schedule.a=0"], 1, "schedule.a must be positive"),
     (["schedule.reference_seq_length=0"], 1, "schedule.reference_seq_length must be a positive number of tokens"),
     (["schedule.kind=triangle"], 1, "schedule.kind 'triangle' is unknown"),

@@ -111,12 +111,19 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
     need(t.noise_scale_interval >= 0, f"train.noise_scale_interval must be >= 0, got {t.noise_scale_interval}")
     need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     try:
-        parse_steps(t.skip_steps)
+        skipped = parse_steps(t.skip_steps)
     except ValueError as e:
         errors.append(f"train.skip_steps: {e}")
+        skipped = []
     pf = c.profile
     need(pf.start_step >= 0 and pf.steps >= 1,
          f"profile.start_step must be >= 0 (0: off) and profile.steps >= 1, got {pf.start_step} and {pf.steps}")
+    # The profiler times trained steps, and counts the host synchronisations of the one after them.
+    profiled = range(pf.start_step, pf.start_step + pf.steps + 1) if pf.start_step > 0 else range(0)
+    need(not any(step in steps for step in profiled for steps in skipped),
+         f"profile.start_step {pf.start_step} with profile.steps {pf.steps} profiles steps {profiled.start}-"
+         f"{profiled.stop - 1} (the last counts host synchronisations), which train.skip_steps "
+         f"({t.skip_steps}) passes over: profile steps that train")
     need(all(0 <= r < world_size for r in pf.ranks),
          f"profile.ranks {list(pf.ranks)} must be ranks of this run (0 to {world_size - 1})")
     mg = c.checkpoint.merge
