@@ -190,6 +190,11 @@ def test_rewound_run_goes_on_from_the_chosen_checkpoint_and_keeps_the_newer_one(
                        for d in (run, finished))
     assert (state["consumed_samples"], state["consumed_tokens"]) == (expected["consumed_samples"],
                                                                      expected["consumed_tokens"])
+    # Trained on to 8 steps, passing over the last two: its end (step 8) is validated and saved.
+    more = [f"train.tokens={8 * TOKENS_PER_STEP}", "train.skip_steps=5,7-8"]
+    assert "steps 7-8: data passed over" in run_train(tmp_path, "copy", OVERRIDES + more).stdout
+    assert checkpoint.latest(run / "checkpoints") == checkpoint.path_of(run / "checkpoints", 8)
+    assert max(metrics(run)[0]) == 6 and max(metrics(run)[1]) == 8 and (run / FINISHED).is_file()
 
 
 @pytest.mark.slow

@@ -262,6 +262,11 @@ def train(config: Config, stop: StopRequest = None) -> TrainState:
                          f"(train.skip_steps), nothing trained")
             state.advance(batch, seq)
             batch = _batch_after(config, state, batch, log)
+            if state.consumed_tokens + batch * seq > t.tokens:
+                # Ended on passed-over steps: validated and saved at its last step, as any run, so
+                # that the steps trained since the last checkpoint are kept.
+                log.validation(state.step, state.consumed_tokens, evaluate(config, model, valid_data, rt))
+                save()
             continue
         if graphs and graphs.before_step(batch):
             log.info(f"CUDA graphs of each layer's {', '.join(graphed_modules(config, rt.hardware))} captured "
