@@ -128,7 +128,6 @@ def _data(args) -> int:
     out = Path(args.out)
     existed = (out / MANIFEST).is_file()
     if not existed:
-        _at_least_one(args, "--vocab-size")
         require_writable(out, "--out", DataError)
     manifest = build_default_data(out, vocab_size=args.vocab_size)
     state = "present" if existed else "built"
@@ -142,11 +141,11 @@ def _tokenizer(args) -> int:
 
     from tokenizer import sources, spm
 
-    _at_least_one(args, "--vocab-size")
     special = [t for t in args.special_tokens.split(",") if t]
     twice = sorted({t for t in special if special.count(t) > 1})
     if twice:
         raise ConfigError(f"--special-tokens: {', '.join(twice)} given more than once (each piece once)")
+    spm.check_vocab_size(args.vocab_size, special)
     paths = sources.check_inputs(args.inputs)
     require_writable(Path(args.out).absolute().parent, "--out", DataError)
     existing = spm.model_path(Path(args.out))
@@ -533,7 +532,8 @@ def parser() -> argparse.ArgumentParser:
 
     data = verbs.add_parser("data", help="build the default corpus, tokenizer and indexed datasets")
     data.add_argument("--out", default=str(DEFAULT_DATA_DIR))
-    data.add_argument("--vocab-size", type=int, default=8192)
+    data.add_argument("--vocab-size", type=int, help="pieces of its tokenizer (default: what --out holds, else "
+                      "8192)")
     data.set_defaults(run=_data)
 
     tok = verbs.add_parser("tokenizer", help="train a sentencepiece tokenizer on corpus files")

@@ -158,12 +158,19 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(default_da
     (["config", "proxy", "--world-size", "0"], "--world-size must be at least 1, got 0"),
     (["coordcheck", "proxy", "--steps", "0"], "--steps must be at least 1, got 0"),  # was an IndexError
     (["sweep", "proxy_lr_batch", "--plan", "--mfu", "0"], "--mfu must be in (0, 1], got 0.0"),
-    (["tokenizer", SHAKESPEARE, "--out", "OUT/tok", "--vocab-size", "0"], "--vocab-size must be at least 1, got 0"),
+    (["tokenizer", SHAKESPEARE, "--out", "OUT/tok", "--vocab-size", "0"],
+     "--vocab-size 0 must be larger than the 260 pieces every tokenizer has (4 special ids, 256 bytes)"),
+    (["tokenizer", SHAKESPEARE, "--out", "OUT/tok", "--vocab-size", "3", "--special-tokens", "<code>"],  # a traceback
+     "--vocab-size 3 must be larger than the 261 pieces every tokenizer has (4 special ids, 256 bytes, 1 of "
+     "--special-tokens)"),
+    (["data", "--out", "OUT/data", "--vocab-size", "3"],
+     "--vocab-size 3 must be larger than the 260 pieces every tokenizer has (4 special ids, 256 bytes)"),
     (["submit", "proxy", "--cpu", "--nodes", "1", "--gpu-memory", "0", "--dry-run"],
      "GPU_MEMORY must be positive (GiB per GPU), got 0"),
     (["coordcheck", "proxy", "--widths", "64,128", "--depths", "2,4"],  # --depths won silently
      "--widths and --depths: give one (a check against width, or against depth at the recipe's width)"),
-], ids=["plan-gpus", "plan-memory", "config-world", "coordcheck-steps", "sweep-mfu", "tokenizer-vocab", "submit-memory",
+], ids=["plan-gpus", "plan-memory", "config-world", "coordcheck-steps", "sweep-mfu", "tokenizer-vocab", "tokenizer-special-vocab",
+        "data-vocab", "submit-memory",
         "coordcheck-both"])
 def test_an_option_out_of_range_or_in_conflict_is_one_line_before_any_work(tmp_path, capsys, argv, line):
     assert cli.main([str(a).replace("OUT", str(tmp_path)) for a in argv]) == 2

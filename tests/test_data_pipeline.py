@@ -239,7 +239,7 @@ def test_stage_two_past_one_epoch_of_stage_one_data_says_so(default_data, tmp_pa
 
 
 @pytest.mark.parametrize("vocab_size,says", [(50_000, "this corpus gives at most"),
-                                             (100, "this corpus needs at least")], ids=["too-high", "too-low"])
+                                             (265, "this corpus needs at least")], ids=["too-high", "too-low"])
 def test_a_vocabulary_the_corpus_cannot_fill_or_hold_is_one_line_naming_one_it_can(tmp_path, capsys, vocab_size, says):
     corpus = tmp_path / "small.txt"
     corpus.write_text("To be, or not to be, that is the question.\n\nWhether 'tis nobler in the mind to suffer\n")
@@ -251,6 +251,21 @@ def test_a_vocabulary_the_corpus_cannot_fill_or_hold_is_one_line_naming_one_it_c
     named = int(line.split(says)[1].split()[0])
     assert run_cli("tokenizer", corpus, "--out", tmp_path / "tok", "--vocab-size", named) == 0
     assert (tmp_path / "tok.model").is_file()
+
+
+def test_data_built_with_another_vocabulary_is_refused_not_reused(default_data, capsys):
+    """`data --vocab-size` names the tokenizer the user wants; data already there with another one
+    must not be handed back as if it were that (nor rebuilt over: runs read it)."""
+    manifest = (default_data / "manifest.json").read_bytes()
+    built = json.loads(manifest)["vocab_size"]
+    assert run_cli("data", "--out", default_data, "--vocab-size", built // 2) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --out {default_data} holds data built with --vocab-size {built}, not {built // 2}: give another "
+        f"--out, or delete {default_data} first"]
+    assert (default_data / "manifest.json").read_bytes() == manifest
+    assert run_cli("data", "--out", default_data, "--vocab-size", built) == 0
+    assert run_cli("data", "--out", default_data) == 0
+    assert capsys.readouterr().out.startswith(f"data present in {default_data}: ")
 
 
 def test_a_special_token_given_twice_is_one_line_before_any_work(tmp_path, capsys):

@@ -13,6 +13,7 @@ from megatron_power.errors import DataError
 # Fixed ids: <unk> 0, <s> 1, </s> 2 (end of document, Megatron's "eod"), <pad> 3 (never emitted
 # by encoding, so GPTDataset's padding mask cannot hide real tokens).
 UNK, BOS, EOS, PAD = 0, 1, 2, 3
+BYTE_PIECES = 256  # byte_fallback: one piece per byte value, so no text is out of vocabulary
 
 
 def load(model_file) -> spm.SentencePieceProcessor:
@@ -22,6 +23,16 @@ def load(model_file) -> spm.SentencePieceProcessor:
         return spm.SentencePieceProcessor(model_file=str(model_file))
     except (OSError, RuntimeError) as e:
         raise DataError(f"{model_file} is not a sentencepiece model ({str(e).splitlines()[0][:80]})") from None
+
+
+def check_vocab_size(vocab_size: int, special_tokens: Sequence[str] = ()) -> None:
+    """One line (a DataError) for a vocabulary too small for the pieces every tokenizer has, before
+    any corpus is read: sentencepiece's own check of it is an internal error."""
+    fixed = len((UNK, BOS, EOS, PAD)) + BYTE_PIECES + len(special_tokens)
+    if vocab_size <= fixed:
+        specials = f", {len(special_tokens)} of --special-tokens" if special_tokens else ""
+        raise DataError(f"--vocab-size {vocab_size} must be larger than the {fixed} pieces every tokenizer has "
+                        f"(4 special ids, {BYTE_PIECES} bytes{specials})")
 
 
 def paragraphs(texts: Iterable[str], max_chars: int = 4000) -> Iterator[str]:

@@ -15,21 +15,30 @@ import numpy as np
 import torch
 
 from megatron_power.config.schema import DEFAULT_DATA_DIR
+from megatron_power.errors import DataError
 from tokenizer import corpus, preprocess, spm
 
 MANIFEST = "manifest.json"
+DEFAULT_VOCAB_SIZE = 8192
 
 
-def build_default_data(out_dir: Path = DEFAULT_DATA_DIR, vocab_size: int = 8192,
+def build_default_data(out_dir: Path = DEFAULT_DATA_DIR, vocab_size: Optional[int] = None,
                        workers: int = max(1, min(4, os.cpu_count() or 1))) -> dict:
-    """The shipped standard-library corpus -> tokenizer.model, train.bin/.idx, valid.bin/.idx, manifest.json.
+    """The shipped standard-library corpus -> tokenizer.model, train.bin/.idx, valid.bin/.idx, manifest.json,
+    with a tokenizer of `vocab_size` pieces (None: DEFAULT_VOCAB_SIZE, or whatever `out_dir` holds).
 
     The manifest is written last: its presence means the directory is complete, and a rerun
-    returns at once.
+    returns at once. Data of another vocabulary is refused, not rebuilt: runs may be reading it.
     """
     manifest_path = out_dir / MANIFEST
     if manifest_path.is_file():
-        return json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text())
+        if vocab_size not in (None, manifest["vocab_size"]):
+            raise DataError(f"--out {out_dir} holds data built with --vocab-size {manifest['vocab_size']}, not "
+                            f"{vocab_size}: give another --out, or delete {out_dir} first")
+        return manifest
+    vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
+    spm.check_vocab_size(vocab_size)
     documents = list(corpus.read_documents())
     train = [text for name, text in documents if not corpus.is_validation(name)]
     valid = [text for name, text in documents if corpus.is_validation(name)]
