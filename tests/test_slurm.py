@@ -90,13 +90,14 @@ def test_the_script_submitted_by_hand_trains(cluster, default_data, tmp_path):
 @pytest.mark.slow
 def test_sweep_runs_as_a_job_array(cluster, default_data, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", tmp_path / "sweeps", {"schedule.lr_max": [0.005, 0.02]}, name="array")
+    logs = tmp_path / "job logs"  # a space: sbatch reads #SBATCH lines as words
     submitted = subprocess.run(command("sweep", str(spec), "--slurm", "--cpu", "--time", "10",
-                                "--log-dir", str(tmp_path)), cwd=ROOT, env=cluster.env, capture_output=True, text=True)
+                                "--log-dir", str(logs)), cwd=ROOT, env=cluster.env, capture_output=True, text=True)
     assert submitted.returncode == 0, submitted.stderr
     job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
     for task in (0, 1):
         job = cluster.wait(f"{job_id}_{task}", timeout=300)
-        assert job["JobState"] == "COMPLETED", (tmp_path / f"array-{job_id}_{task}.out").read_text()[-3000:]
+        assert job["JobState"] == "COMPLETED", (logs / f"array-{job_id}_{task}.out").read_text()[-3000:]
 
     again = subprocess.run(command("sweep", str(spec), "--slurm", "--cpu"), cwd=ROOT,
                            env=cluster.env, capture_output=True, text=True)
@@ -126,7 +127,13 @@ def fake_sbatch(tmp_path, monkeypatch):
     (["proxy", "--time", "2", "--signal-lead", "180"], "TIME 2 leaves no room"),
     (["dense3b", "--nodes", "1", "--gpus-per-node", "1", "train.micro_batch_size=8"],
      "dense3b on 1 GPU needs"),
-], ids=["layout", "recipe", "container", "mounts", "time", "signal", "memory"])
+    (["proxy", "--cpus-per-task", "0"], "--cpus-per-task must be at least 1, got 0"),  # was 8, silently
+    (["proxy", "--signal-lead", "-1"], "SIGNAL_LEAD must be 1 to 65535 seconds (SLURM's range for --signal), got -1"),
+    (["proxy", "--signal-lead", "70000"], "SIGNAL_LEAD must be 1 to 65535 seconds"),
+    (["proxy", "--array", "1-x"], "--array '1-x' is not a SLURM job array (expected indices such as 0-15, 1,3,5, "
+     "0-15:2 or 0-15%4)"),
+], ids=["layout", "recipe", "container", "mounts", "time", "signal", "memory", "cpus", "lead-negative", "lead-large",
+        "array"])
 def test_bad_submission_fails_before_sbatch(fake_sbatch, capsys, args, message):
     assert cli.main(["submit", *args]) == 2
     err = capsys.readouterr().err

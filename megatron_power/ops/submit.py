@@ -27,6 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository: recipes, runs, log
 TEMPLATE = Path(__file__).with_name("train.sbatch")
 # SLURM's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 TIME_FORMAT = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")
+# --array: indices and ranges (a range with a step), comma-separated, then at most %K running at once
+_ARRAY_RANGE = r"\d+(-\d+(:\d+)?)?"
+ARRAY_FORMAT = re.compile(rf"{_ARRAY_RANGE}(,{_ARRAY_RANGE})*(%\d+)?")
+MAX_SIGNAL_LEAD = 65535  # seconds: sbatch refuses a longer --signal time
 
 
 @dataclass
@@ -68,6 +72,14 @@ def check(s: Submission) -> List[str]:
         errors.append(f"GPUS_PER_NODE must be at least 1, got {s.gpus_per_node}")
     if not s.gpu_memory > 0:
         errors.append(f"GPU_MEMORY must be positive (GiB per GPU), got {s.gpu_memory:g}")
+    if s.cpus_per_task is not None and s.cpus_per_task < 1:
+        errors.append(f"--cpus-per-task must be at least 1, got {s.cpus_per_task}")
+    if not 1 <= s.signal_lead <= MAX_SIGNAL_LEAD:
+        errors.append(f"SIGNAL_LEAD must be 1 to {MAX_SIGNAL_LEAD} seconds (SLURM's range for --signal), "
+                      f"got {s.signal_lead}")
+    if s.array is not None and not ARRAY_FORMAT.fullmatch(s.array):
+        errors.append(f"--array '{s.array}' is not a SLURM job array (expected indices such as 0-15, 1,3,5, "
+                      f"0-15:2 or 0-15%4)")
     if s.time is not None and not TIME_FORMAT.fullmatch(s.time):
         errors.append(f"TIME '{s.time}' is not a SLURM time limit (expected minutes, HH:MM:SS or D-HH:MM:SS)")
     elif s.time is not None and time_limit_seconds(s.time) <= s.signal_lead:
@@ -130,7 +142,7 @@ def render(s: Submission, config, job_name: str) -> str:
     for line in TEMPLATE.read_text().splitlines():
         if line.startswith("#SBATCH"):
             if not header_done:
-                lines += [f"#SBATCH {option}" for option in sbatch]
+                lines += [_sbatch_line(option) for option in sbatch]
                 header_done = True
             continue
         if line.startswith("# --- "):  # the settings block's first and last lines
@@ -142,6 +154,13 @@ def render(s: Submission, config, job_name: str) -> str:
             line = value if comment < 0 else f"{value:<40} {line[comment:].lstrip()}"
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def _sbatch_line(option: str) -> str:
+    """The #SBATCH line of `--key=value`: sbatch splits the line into words as a shell would, so a
+    value with whitespace in it (a log folder, a job name) is double-quoted."""
+    key, _, value = option.partition("=")
+    return f'#SBATCH {key}="{value}"' if any(c.isspace() for c in value) else f"#SBATCH {option}"
 
 
 def submit(s: Submission, dry_run: bool = False) -> int:
