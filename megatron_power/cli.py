@@ -47,10 +47,10 @@ COORDCHECK_WIDTHS = "64,128,256,512"
 
 
 def _at_least_one(args, *options: str) -> None:
-    """One line for the first of these numeric options (e.g. "--gpus") below 1."""
+    """One line for the first of these numeric options (e.g. "--gpus") given a value below 1."""
     for option in options:
         value = getattr(args, option.lstrip("-").replace("-", "_"))
-        if not value >= 1:
+        if value is not None and not value >= 1:
             raise ConfigError(f"{option} must be at least 1, got {value}")
 
 
@@ -278,6 +278,7 @@ def _sweep(args) -> int:
         _at_least_one(args, "--peak-tflops")
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
+    _check_points_options(args)
     spec = sweep.load_spec(args.spec)
     if args.jobs:
         spec.jobs = args.jobs
@@ -338,6 +339,7 @@ def _submit_array(spec, grid, todo, args, processes) -> int:
 def _study(args) -> int:
     from megatron_power.science import fit, study, sweep
 
+    _check_points_options(args)
     spec = study.load_spec(args.spec)
     if args.jobs:
         spec.jobs = args.jobs
@@ -475,7 +477,24 @@ def _points_verb(verbs, name: str, help: str, specs_dir: str, collect_help: str,
     verb.add_argument("--collect", action="store_true", help=collect_help)
     verb.add_argument("--slurm", action="store_true", help=slurm_help)
     verb.add_argument("--max-running", type=int, help="SLURM: array tasks running at once")
+    _slurm_options(verb, gpus_per_node=1)
+    verb.set_defaults(slurm_defaults={dest: verb.get_default(dest) for dest in SLURM_ONLY})
     return verb
+
+
+# Options of a spec's SLURM job array, which a run of its points on this machine would ignore.
+SLURM_ONLY = ("gpus_per_node", "cpus_per_task", "partition", "account", "time", "container", "container_mounts",
+              "signal_lead", "log_dir", "dry_run", "max_running")
+
+
+def _check_points_options(args) -> None:
+    """One line for a count below 1, or for SLURM's options given to a run on this machine."""
+    _at_least_one(args, "--jobs", "--max-running")
+    given = [f"--{dest.replace('_', '-')}" for dest, default in args.slurm_defaults.items()
+             if getattr(args, dest) != default]
+    if given and not args.slurm:
+        raise ConfigError(f"{', '.join(given)}: for --slurm only (this machine's runs take none of SLURM's options): "
+                          f"add --slurm to submit the points as a job array, or leave {'it' if len(given) == 1 else 'them'} out")
 
 
 def _recipe_fields() -> str:
@@ -594,13 +613,11 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--peak-tflops", type=float, default=989.0, help="--plan: dense bf16 peak (H100 SXM: 989)")
     sweep.add_argument("--mfu", type=float, default=0.3,
                        help="--plan: assumed model FLOPs utilisation (dense3b measured 38%% on one H100; proxies run lower)")
-    _slurm_options(sweep, gpus_per_node=1)
     sweep.set_defaults(run=_sweep)
 
     study = _points_verb(verbs, "study", "Power vs tuned WSD and cosine, transfer to unseen cells, MoE muTransfer",
                          "recipes/studies/", "only write results.csv (and the report, once complete)",
                          "submit the unfinished points of the current stage as a SLURM array")
-    _slurm_options(study, gpus_per_node=1)
     study.set_defaults(run=_study)
 
     fit = verbs.add_parser("fit", help="fit a and b of the Power scheduler (and more) to a sweep's results.csv")

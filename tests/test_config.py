@@ -169,9 +169,16 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(default_da
      "GPU_MEMORY must be positive (GiB per GPU), got 0"),
     (["coordcheck", "proxy", "--widths", "64,128", "--depths", "2,4"],  # --depths won silently
      "--widths and --depths: give one (a check against width, or against depth at the recipe's width)"),
-], ids=["plan-gpus", "plan-memory", "config-world", "coordcheck-steps", "sweep-mfu", "tokenizer-vocab", "tokenizer-special-vocab",
-        "data-vocab", "submit-memory",
-        "coordcheck-both"])
+    # Each of these ran the whole grid on this machine.
+    (["sweep", "proxy_lr_batch", "--dry-run"], "--dry-run: for --slurm only (this machine's runs take none of "
+     "SLURM's options): add --slurm to submit the points as a job array, or leave it out"),
+    (["study", "proxy", "--partition", "p", "--time", "10"], "--partition, --time: for --slurm only (this machine's "
+     "runs take none of SLURM's options): add --slurm to submit the points as a job array, or leave them out"),
+    (["sweep", "proxy_lr_batch", "--jobs", "0"], "--jobs must be at least 1, got 0"),
+    (["sweep", "proxy_lr_batch", "--slurm", "--max-running", "0"], "--max-running must be at least 1, got 0"),
+], ids=["plan-gpus", "plan-memory", "config-world", "coordcheck-steps", "sweep-mfu", "tokenizer-vocab",
+        "tokenizer-special-vocab", "data-vocab", "submit-memory", "coordcheck-both", "sweep-dry-run",
+        "study-partition", "sweep-jobs", "sweep-max-running"])
 def test_an_option_out_of_range_or_in_conflict_is_one_line_before_any_work(tmp_path, capsys, argv, line):
     assert cli.main([str(a).replace("OUT", str(tmp_path)) for a in argv]) == 2
     captured = capsys.readouterr()
