@@ -149,6 +149,9 @@ def test_bad_merges_fail_with_one_line_and_write_nothing(run, tmp_path, capsys):
     code, err = _merge(capsys, legacy, checkpoints[-1], out)
     assert code == 2 and "holds a different model than" in err and "model.hidden_size" in err and not out.exists()
 
+    code, err = _merge(capsys, "--last", "-1", *checkpoints[-3:], out)  # merged the newest two, silently
+    assert code == 2 and err == "error: --last must be 0 (every checkpoint given) or more, got -1\n"
+
     code, err = _merge(capsys, run, "--last", "2", "--weights", "1,2,3", out)
     assert code == 2 and "expected one of uniform, linear, cosine, 1-sqrt, or 2 comma-separated" in err
 

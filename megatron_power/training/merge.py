@@ -121,6 +121,8 @@ def _sources(given: Sequence[Path], last: int) -> List[Path]:
     iter_* directories given (all of them when `last` is 0)."""
     from megatron_power.training import checkpoint
 
+    if last < 0:
+        raise ConfigError(f"--last must be 0 (every checkpoint given) or more, got {last}")
     if len(given) == 1 and not (given[0] / "metadata.json").is_file():
         root = checkpoint.checkpoints_dir(given[0])
         if not root.is_dir():
