@@ -114,18 +114,24 @@ def test_cli_refuses_before_any_work(default_data, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no run directory, no process group, nothing written
 
 
-@pytest.mark.parametrize("where", ["proc", "file"])
-def test_a_run_folder_that_cannot_be_created_is_one_line_before_any_work(default_data, tmp_path, where):
+@pytest.mark.parametrize("setting,where", [("out_dir", "proc"), ("out_dir", "file"), ("checkpoint.dir", "proc"),
+                                           ("data.cache_dir", "file")])
+def test_a_folder_a_run_writes_that_cannot_be_created_is_one_line_before_any_work(default_data, tmp_path, setting,
+                                                                                   where):
     """/proc refuses new folders even to root, whatever its permission bits say; a file in the
     way is not a folder. (The probe the check writes into a writable folder is removed: the test
-    above finds tmp_path empty.)"""
+    above finds tmp_path empty.) checkpoint.dir and data.cache_dir were a traceback after the run
+    folder had been made."""
     (tmp_path / "a-file").write_text("kept")
-    out_dir, cause = {"proc": ("/proc/forbidden", "/proc is not writable (No such file or directory)"),
-                      "file": (tmp_path / "a-file" / "runs", f"{tmp_path / 'a-file'} is not a directory")}[where]
-    result = subprocess.run(command("train", "proxy", f"out_dir={out_dir}"), cwd=ROOT, capture_output=True, text=True)
+    folder, cause = {"proc": ("/proc/forbidden", "/proc is not writable (No such file or directory)"),
+                     "file": (tmp_path / "a-file" / "runs", f"{tmp_path / 'a-file'} is not a directory")}[where]
+    out_dir = folder if setting == "out_dir" else tmp_path / "runs"
+    result = subprocess.run(command("train", "proxy", f"out_dir={out_dir}", f"{setting}={folder}"), cwd=ROOT,
+                            capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f"error: out_dir: cannot create the run folder {out_dir}/proxy: {cause}"]
+    line = (f"out_dir: cannot create the run folder {out_dir}/proxy" if setting == "out_dir" else
+            f"{setting}: cannot write to {folder}")
+    assert result.stderr.strip().splitlines() == [f"error: {line}: {cause}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and (tmp_path / "a-file").read_text() == "kept"
 
 

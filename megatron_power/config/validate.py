@@ -190,6 +190,9 @@ def validate(c: Config, world_size: Optional[int] = None, check_paths: bool = Tr
         errors += _validate_data(c.data, m.vocab_size)
         problem = unwritable(c.run_dir)
         need(problem is None, f"out_dir: cannot create the run folder {c.run_dir}: {problem}")
+        for setting, folder in (("checkpoint.dir", c.checkpoint.dir), ("data.cache_dir", c.data.cache_dir)):
+            problem = folder and unwritable(Path(folder))
+            need(not problem, f"{setting}: cannot write to {folder}: {problem}")
     return errors
 
 
