@@ -103,6 +103,7 @@ submit: setup
 # Runs the grid (again: finished points are skipped), writes results.csv, then fits and plots it.
 SPEC ?= proxy_lr_batch
 sweep: setup-plot
+	@$(MP) sweep $(SPEC) --check $(ARGS) > /dev/null
 	$(MP) data
 	$(MP) sweep $(SPEC) $(ARGS)
 
@@ -111,6 +112,7 @@ sweep: setup-plot
 # what is left (a rerun resumes), then writes study.md, results.csv and figures in runs/studies/<name>.
 STUDY ?= proxy
 study: setup-plot
+	@$(MP) study $(STUDY) --check $(ARGS) > /dev/null
 	$(MP) data
 	$(MP) study $(STUDY) $(ARGS)
 

@@ -283,7 +283,10 @@ def _sweep(args) -> int:
     if args.jobs:
         spec.jobs = args.jobs
     processes = args.gpus_per_node if args.slurm else 1
-    grid = sweep.check(spec, world_size=processes, check_paths=not args.plan)
+    grid = sweep.check(spec, world_size=processes, check_paths=not (args.plan or args.check))
+    if args.check:
+        print(f"{spec.name}: the spec and its {len(grid)} points' configs are valid")
+        return 0
     if args.plan:
         from megatron_power.config import format_count
 
@@ -346,8 +349,12 @@ def _study(args) -> int:
     processes = args.gpus_per_node if args.slurm else 1
     base = spec.sweep()
     # Stage 2's configs, with placeholders for what stage 1 decides, are checked before anything runs.
-    sweep.check(base, processes, grid=study.compare_points(spec, None), compare_saved=False)
-    stages = [("tune", sweep.check(base, processes, grid=study.tune_points(spec)))]
+    paths = not args.check
+    sweep.check(base, processes, paths, grid=study.compare_points(spec, None), compare_saved=False)
+    stages = [("tune", sweep.check(base, processes, paths, grid=study.tune_points(spec)))]
+    if args.check:
+        print(f"{spec.name}: the spec and the {len(stages[0][1])} points of its first stage are valid")
+        return 0
     done = []
     while True:
         name, grid = stages[-1]
@@ -475,6 +482,8 @@ def _points_verb(verbs, name: str, help: str, specs_dir: str, collect_help: str,
     verb.add_argument("spec", help=f"{name} spec name in {specs_dir} or a YAML path")
     verb.add_argument("--jobs", type=int, help="points at once on this machine (default: the spec's, else GPUs or cores)")
     verb.add_argument("--collect", action="store_true", help=collect_help)
+    verb.add_argument("--check", action="store_true",
+                      help="check the spec and every point's config (not its data), and run nothing")
     verb.add_argument("--slurm", action="store_true", help=slurm_help)
     verb.add_argument("--max-running", type=int, help="SLURM: array tasks running at once")
     _slurm_options(verb, gpus_per_node=1)

@@ -22,16 +22,21 @@ def test_make_train_on_a_fresh_clone(tmp_path):
     venv = os.path.dirname(os.path.dirname(sys.executable))
     env = {**os.environ, "PYTHONPATH": str(clone)}
 
-    def make_train(*make_vars):
-        return subprocess.run(["make", "train", f"VENV={venv}", *make_vars, "-o", f"{venv}/.installed-base",
-                               "-o", f"{venv}/.installed-torch"], cwd=clone, env=env, capture_output=True, text=True)
+    def make(target, *make_vars):
+        installed = [arg for stamp in ("base", "torch", "plot") for arg in ("-o", f"{venv}/.installed-{stamp}")]
+        return subprocess.run(["make", target, f"VENV={venv}", *make_vars, *installed], cwd=clone, env=env,
+                              capture_output=True, text=True)
 
-    # A recipe that does not exist, or a batch that 3 processes cannot split, is one line before the
-    # default data is built (about 20 s on a fresh clone) or torchrun starts.
-    for make_vars, line in [(["RECIPE=nope"], "error: unknown recipe 'nope'; known recipes: dense1b, "),
-                            (["NPROC=3"], "error: train.global_batch_size (32) must be divisible by "
-                                          "train.micro_batch_size x data-parallel size (8 x 3)")]:
-        refused = make_train(*make_vars)
+    # A recipe or spec that does not exist, or a batch that 3 processes cannot split, is one line
+    # before the default data is built (about 20 s on a fresh clone) or torchrun starts.
+    for target, make_vars, line in [
+        ("train", ["RECIPE=nope"], "error: unknown recipe 'nope'; known recipes: dense1b, "),
+        ("train", ["NPROC=3"], "error: train.global_batch_size (32) must be divisible by "
+                               "train.micro_batch_size x data-parallel size (8 x 3)"),
+        ("sweep", ["SPEC=nope"], "error: sweep spec nope not found (expected a YAML file or one of: "),
+        ("study", ["STUDY=proxy", "ARGS=--jobs 0"], "error: --jobs must be at least 1, got 0"),
+    ]:
+        refused = make(target, *make_vars)
         assert refused.returncode != 0
         (said,) = [out for out in refused.stderr.splitlines() if not out.startswith("make")]
         assert said.startswith(line), refused.stderr
@@ -39,7 +44,7 @@ def test_make_train_on_a_fresh_clone(tmp_path):
 
     args = "train.tokens=300K model.hidden_size=128 model.ffn_hidden_size=384 train.eval_interval=1000"
     started = time.time()
-    result = make_train(f"ARGS={args}")
+    result = make("train", f"ARGS={args}")
     wall = time.time() - started
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
