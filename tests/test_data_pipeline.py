@@ -268,6 +268,15 @@ def test_data_built_with_another_vocabulary_is_refused_not_reused(default_data, 
     assert capsys.readouterr().out.startswith(f"data present in {default_data}: ")
 
 
+def test_data_is_never_built_over_files_it_did_not_write(tmp_path, capsys):
+    """`data --out` a folder of one's own datasets (named as `preprocess` names them) would replace them."""
+    (tmp_path / "train.bin").write_text("mine")
+    assert run_cli("data", "--out", tmp_path) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --out {tmp_path} holds files that `data` did not write (train.bin); give a new or empty folder"]
+    assert [p.name for p in tmp_path.iterdir()] == ["train.bin"] and (tmp_path / "train.bin").read_text() == "mine"
+
+
 def test_a_special_token_given_twice_is_one_line_before_any_work(tmp_path, capsys):
     corpus = tmp_path / "small.txt"
     corpus.write_text("To be, or not to be.\n")

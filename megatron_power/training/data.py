@@ -19,6 +19,7 @@ from megatron_power.errors import DataError
 from tokenizer import corpus, preprocess, spm
 
 MANIFEST = "manifest.json"
+BUILDING = ".building"  # written first: a folder holding it (and no manifest) is an interrupted build, built over
 DEFAULT_VOCAB_SIZE = 8192
 
 
@@ -28,7 +29,8 @@ def build_default_data(out_dir: Path = DEFAULT_DATA_DIR, vocab_size: Optional[in
     with a tokenizer of `vocab_size` pieces (None: DEFAULT_VOCAB_SIZE, or whatever `out_dir` holds).
 
     The manifest is written last: its presence means the directory is complete, and a rerun
-    returns at once. Data of another vocabulary is refused, not rebuilt: runs may be reading it.
+    returns at once. Data of another vocabulary is refused, not rebuilt: runs may be reading it;
+    so is a folder holding files of its own (a user's datasets carry the same names).
     """
     manifest_path = out_dir / MANIFEST
     if manifest_path.is_file():
@@ -39,6 +41,13 @@ def build_default_data(out_dir: Path = DEFAULT_DATA_DIR, vocab_size: Optional[in
         return manifest
     vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
     spm.check_vocab_size(vocab_size)
+    building = out_dir / BUILDING
+    others = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() and not building.exists() else []
+    if others:
+        raise DataError(f"--out {out_dir} holds files that `data` did not write ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}); give a new or empty folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    building.touch()
     documents = list(corpus.read_documents())
     train = [text for name, text in documents if not corpus.is_validation(name)]
     valid = [text for name, text in documents if corpus.is_validation(name)]
@@ -60,6 +69,7 @@ def build_default_data(out_dir: Path = DEFAULT_DATA_DIR, vocab_size: Optional[in
     tmp = manifest_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, manifest_path)
+    building.unlink()
     return manifest
 
 
