@@ -101,6 +101,11 @@ def test_run_killed_again_and_again_ends_with_the_uninterrupted_losses(default_d
     assert (f"settings changed since the checkpoint of step {STEPS}, this run uses the new ones: train.tokens: "
             f"{STEPS * TOKENS_PER_STEP} -> {(STEPS + 8) * TOKENS_PER_STEP}; optim.beta2: 0.95 -> 0.98; "
             f"schedule.lr_max: 0.04 -> 0.03\n") in more, more
+    # It had decayed to the end of its budget: the warning names the lr it now trains at again.
+    warning = more.split(f"warning: train.tokens {STEPS * TOKENS_PER_STEP:,} -> ")[1].splitlines()[0]
+    after = float(warning.split("back up to ")[1].split()[0])
+    (step_after,) = [r["lr"] for r in records(tmp_path / "whole", "lr") if r["step"] == STEPS + 1]
+    assert after == pytest.approx(step_after, rel=1e-3) and "rewind" in warning
     assert "stop requested: checkpoint saved" in more, more
     assert not (tmp_path / "whole" / FINISHED).exists()
     stopped = checkpoint.latest(tmp_path / "whole" / "checkpoints")

@@ -136,3 +136,32 @@ def test_a_cap_that_hides_the_power_law_is_reported():
     assert cap_end == pytest.approx(2.6e10, rel=0.01)
     assert note("proxy", "schedule.a=0.05") is None  # below the cap from the first token
     assert note("proxy", "schedule.kind=wsd") is None
+
+
+def test_a_larger_budget_after_the_decay_began_is_a_warning_that_the_lr_goes_back_up():
+    """Raising train.tokens of a run that has begun to decay raises its lr again: the steps trained
+    in the decay stay decayed, so the run is not the longer run it seems."""
+    from megatron_power.config import load_config
+    from megatron_power.training.schedule import decay_undone_warning, learning_rate
+
+    def config(tokens, *overrides):
+        return load_config("proxy", [f"train.tokens={tokens}", *overrides], 1, check_paths=False)
+
+    step = 8192  # the proxy's tokens per step; decay is its last 20%
+    old, longer = config(100 * step), config(200 * step)
+    assert decay_undone_warning(old, longer, 70 * step, step) is None  # still on the power law: nothing undone
+    assert decay_undone_warning(old, old, 90 * step, step) is None
+    assert decay_undone_warning(old, config(90 * step), 85 * step, step) is None  # a shorter budget lowers the lr
+    warning = decay_undone_warning(old, longer, 90 * step, step)
+    before = learning_rate(90 * step, old.schedule, old.train.tokens, step)
+    after = learning_rate(90 * step, longer.schedule, longer.train.tokens, step)
+    assert after > 2 * before
+    assert warning == (
+        f"warning: train.tokens 819,200 -> 1,638,400: this run has decayed since 655,360 tokens, and the new "
+        f"schedule takes its lr at 737,280 tokens from {before:.3g} back up to {after:.3g} (the steps trained in "
+        f"the decay stay decayed); to train it as planned for 1,638,400 tokens, go on from a checkpoint before "
+        f"the decay (`megatron-power rewind {longer.run_dir}` lists them)")
+    # A cosine run decays from the end of its warmup.
+    cosine = ["schedule.kind=cosine"]
+    assert "has decayed since 40,960 tokens" in decay_undone_warning(config(100 * step, *cosine),
+                                                                      config(200 * step, *cosine), 50 * step, step)

@@ -30,7 +30,7 @@ from megatron_power.training.optim import build_optimizer, wrap_model
 from megatron_power.training.probes.expert_load import ExpertLoad
 from megatron_power.training.probes.noise_scale import FirstMicrobatchProbe, NoiseScaleAverage
 from megatron_power.training.probes.profile import StepProfiler
-from megatron_power.training.schedule import TokenScheduler, phase_tokens, power_law_note
+from megatron_power.training.schedule import TokenScheduler, decay_undone_warning, phase_tokens, power_law_note
 from megatron_power.training.signals import StopRequest
 from megatron_power.training.step import evaluate, train_step
 
@@ -123,6 +123,9 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
         if changes:  # a changed override may be meant (a longer run, a lower lr) or forgotten: say which
             notes.append(f"settings changed since the checkpoint of step {state.step}, this run uses the new ones: "
                          + "; ".join(changes))
+            batch_tokens = (state.global_batch_size or config.train.global_batch_size) * config.model.seq_length
+            warning = decay_undone_warning(from_yaml(saved_yaml), config, state.consumed_tokens, batch_tokens)
+            notes += [warning] if warning else []
         return state, notes
     if config.checkpoint.init_from is None:
         t = config.train

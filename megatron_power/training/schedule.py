@@ -17,7 +17,7 @@ ramp) keeps the run on the same lr-versus-tokens curve.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 # f(r): 1 at the start of the decay (r = 0), 0 at its end (r = 1).
 DECAY_SHAPES: Dict[str, Callable[[float], float]] = {
@@ -88,6 +88,24 @@ def power_law_note(schedule, budget: int, batch_tokens: int):
         return (f"note: the lr holds at lr_max {s.lr_max:g} from the end of the warmup ({warmup:,} tokens) to "
                 f"{cap_end:,.0f} tokens, where the power law takes over")
     return None
+
+
+def decay_undone_warning(saved, config, tokens: int, batch_tokens: int) -> Optional[str]:
+    """A warning when a run resumed at `tokens` under another train.tokens than its `saved` config
+    had begun to decay, and `config`'s schedule takes its lr back up (saved, config: Config)."""
+    old, new = saved.train.tokens, config.train.tokens
+    if new == old:
+        return None
+    s = saved.schedule
+    decay_start = phase_tokens(s.warmup, old) if s.kind == "cosine" else old - phase_tokens(s.decay, old)
+    before = learning_rate(tokens, s, old, batch_tokens)
+    after = learning_rate(tokens, config.schedule, new, batch_tokens)
+    if tokens <= decay_start or after <= before:
+        return None
+    return (f"warning: train.tokens {old:,} -> {new:,}: this run has decayed since {decay_start:,} tokens, and the "
+            f"new schedule takes its lr at {tokens:,} tokens from {before:.3g} back up to {after:.3g} (the steps "
+            f"trained in the decay stay decayed); to train it as planned for {new:,} tokens, go on from a checkpoint "
+            f"before the decay (`megatron-power rewind {config.run_dir}` lists them)")
 
 
 def phase_tokens(length: float, budget: int) -> int:
