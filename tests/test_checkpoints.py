@@ -218,6 +218,24 @@ def test_a_run_folder_names_its_checkpoints_wherever_checkpoint_dir_put_them(fin
         assert checkpoint.newest(scratch) == (checkpoint.path_of(scratch, 4), [])
 
 
+@pytest.mark.parametrize("read_only", ["run folder", "checkpoints"])
+def test_a_run_that_cannot_be_written_is_not_rewound_and_is_one_line(finished, tmp_path, capsys, read_only):
+    """A run on a read-only mount (an archive, a finished project's share) was a traceback: the lock
+    file, or the folder the newer checkpoints go to, could not be made. Read-only even for root."""
+    run = copy_run(finished, tmp_path)
+    folder = run if read_only == "run folder" else run / "checkpoints"
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], check=True)
+        assert cli.main(["rewind", str(run), "--to", "4"]) == 2
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {run} cannot be rewound: {folder} is not writable (Read-only file system); nothing was changed"]
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+
+
 @pytest.mark.slow
 def test_checkpoints_without_a_marker_resume_and_are_kept(finished, tmp_path):
     # The repro: a run's iter_* folders copied, without `latest`, into a new run's folder.

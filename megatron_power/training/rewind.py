@@ -22,6 +22,7 @@ from megatron_power.config.schema import FINISHED
 from megatron_power.errors import CheckpointError, ConfigError
 from megatron_power.training import checkpoint, run_lock
 from megatron_power.training.metrics import WANDB_RUN_ID
+from megatron_power.writable import unwritable
 
 ASIDE = "rewound"
 
@@ -55,8 +56,12 @@ def checkpoints(run_dir: Path) -> List[Saved]:
 def rewind(run_dir: Path, step: int) -> Tuple[List[str], Path]:
     """Make the checkpoint of `step` the one `run_dir` resumes from. Returns the names of what was moved
     aside and where it went. Raises ConfigError or CheckpointError, changing nothing, when the run is
-    in use or has no intact checkpoint of that step."""
+    in use, cannot be written or has no intact checkpoint of that step."""
     root = _checkpoint_dir(run_dir)
+    for folder in (run_dir, root):  # the lock, the run's files and the checkpoints are moved or written
+        problem = unwritable(folder)
+        if problem:
+            raise CheckpointError(f"{run_dir} cannot be rewound: {problem}; nothing was changed")
     holder = run_lock.take(run_dir)
     if holder is not None:
         raise ConfigError(f"{run_dir} is in use by a run ({holder}); stop it before rewinding")
