@@ -227,3 +227,23 @@ def test_import_into_a_depth_scaled_recipe_divides_the_depth_factor_out(exported
                       "seq_length: 128}\nmup: {depth_alpha: 1, base_depth: 1}\n")
     config = target_config(read_hf_config(exported["tp2-dense"][0]), str(recipe), "deep")
     assert config.mup.residual_mult == pytest.approx(0.22) and mup.residual_mult(config) == pytest.approx(0.11)
+
+
+def test_a_config_json_is_read_by_its_model_type_and_one_missing_a_field_is_one_line():
+    """Hugging Face reads a config.json without `architectures` by its model_type; one without a
+    shape field was a KeyError traceback."""
+    from transformers import GraniteConfig
+
+    from megatron_power.convert import granite
+    from megatron_power.errors import ConversionError
+
+    hf = GraniteConfig(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=384,
+                       vocab_size=256, attention_multiplier=1 / 64, architectures=["GraniteForCausalLM"]).to_dict()
+    assert granite.model_settings({**hf, "architectures": None}) == granite.model_settings(hf)
+    with pytest.raises(ConversionError) as e:
+        granite.model_settings({k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
+    assert str(e.value) == ("config.json names no architecture (expected architectures GraniteForCausalLM or "
+                            "GraniteMoeForCausalLM, or model_type granite or granitemoe)")
+    with pytest.raises(ConversionError) as e:
+        granite.model_settings({k: v for k, v in hf.items() if k not in ("hidden_size", "vocab_size")})
+    assert str(e.value) == "config.json lacks hidden_size, vocab_size (a GraniteForCausalLM config names them)"

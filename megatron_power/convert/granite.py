@@ -59,6 +59,7 @@ FINAL_NORM = Entry("decoder.final_layernorm.weight", ("model.norm.weight",))
 OUTPUT = Entry("output_layer.weight", ("lm_head.weight",), "vocab")
 
 ARCHITECTURES = {"GraniteForCausalLM": "granite", "GraniteMoeForCausalLM": "granitemoe"}
+MOE_SHAPE = ["num_local_experts", "num_experts_per_tok"]
 # What GraniteMoeConfig assumes when config.json leaves router_aux_loss_coef out.
 GRANITE_MOE_AUX_LOSS_COEF = 0.001
 # transformers 5 names GraniteMoe's tensors differently in memory and may save them so; the
@@ -170,9 +171,17 @@ def _rope_theta(hf: dict) -> float:
 
 def model_settings(hf: dict) -> Dict[str, Dict]:
     """A Hugging Face config.json -> this project's `model` and `mup` settings for the same function."""
-    arch = (hf.get("architectures") or ["?"])[0]
+    by_model_type = {model_type: name for name, model_type in ARCHITECTURES.items()}
+    arch = (hf.get("architectures") or [by_model_type.get(hf.get("model_type"))])[0]  # as transformers reads it
+    if arch is None:
+        raise ConversionError(f"config.json names no architecture (expected architectures {' or '.join(ARCHITECTURES)}, "
+                              f"or model_type {' or '.join(ARCHITECTURES.values())})")
     if arch not in ARCHITECTURES:
         raise ConversionError(f"architecture {arch} is not supported (expected one of {', '.join(ARCHITECTURES)})")
+    shape = ["num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"]
+    missing = [key for key in shape + (MOE_SHAPE if arch == "GraniteMoeForCausalLM" else []) if key not in hf]
+    if missing:
+        raise ConversionError(f"config.json lacks {', '.join(missing)} (a {arch} config names them)")
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise ConversionError(f"{flag}=true is not supported (this project's models have no biases)")
