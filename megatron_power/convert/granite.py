@@ -59,6 +59,8 @@ FINAL_NORM = Entry("decoder.final_layernorm.weight", ("model.norm.weight",))
 OUTPUT = Entry("output_layer.weight", ("lm_head.weight",), "vocab")
 
 ARCHITECTURES = {"GraniteForCausalLM": "granite", "GraniteMoeForCausalLM": "granitemoe"}
+# The config.json fields that give a model its shape (no default stands in for them).
+SHAPE = ["num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"]
 MOE_SHAPE = ["num_local_experts", "num_experts_per_tok"]
 # What GraniteMoeConfig assumes when config.json leaves router_aux_loss_coef out.
 GRANITE_MOE_AUX_LOSS_COEF = 0.001
@@ -178,8 +180,7 @@ def model_settings(hf: dict) -> Dict[str, Dict]:
                               f"or model_type {' or '.join(ARCHITECTURES.values())})")
     if arch not in ARCHITECTURES:
         raise ConversionError(f"architecture {arch} is not supported (expected one of {', '.join(ARCHITECTURES)})")
-    shape = ["num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"]
-    missing = [key for key in shape + (MOE_SHAPE if arch == "GraniteMoeForCausalLM" else []) if key not in hf]
+    missing = [key for key in SHAPE + (MOE_SHAPE if arch == "GraniteMoeForCausalLM" else []) if key not in hf]
     if missing:
         raise ConversionError(f"config.json lacks {', '.join(missing)} (a {arch} config names them)")
     for flag in ("attention_bias", "mlp_bias"):

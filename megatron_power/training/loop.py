@@ -114,7 +114,8 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
     own, notes = checkpoint.newest(config.checkpoint_dir)
     if own is not None:
         saved_yaml = checkpoint.saved_state(own)["config"]
-        check_same_model(f"{own} (this run's checkpoint)", from_yaml(saved_yaml), config, vocab_size,
+        saved_config = from_yaml(saved_yaml)
+        check_same_model(f"{own} (this run's checkpoint)", saved_config, config, vocab_size,
                          "to train this model, give it another name=; this run's checkpoints stay as they are")
         state = TrainState(**checkpoint.load(own, model, optimizer)["train_state"])
         notes.append(f"resumed from {own} at step {state.step} ({state.consumed_tokens:,} tokens)")
@@ -124,7 +125,7 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
             notes.append(f"settings changed since the checkpoint of step {state.step}, this run uses the new ones: "
                          + "; ".join(changes))
             batch_tokens = (state.global_batch_size or config.train.global_batch_size) * config.model.seq_length
-            warning = decay_undone_warning(from_yaml(saved_yaml), config, state.consumed_tokens, batch_tokens)
+            warning = decay_undone_warning(saved_config, config, state.consumed_tokens, batch_tokens)
             notes += [warning] if warning else []
         return state, notes
     if config.checkpoint.init_from is None:
@@ -136,7 +137,8 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
         return TrainState(), [f"starting {config.name}: {t.tokens:,} tokens, batch {t.global_batch_size}, {growth}"]
     source = checkpoint.resolve(Path(config.checkpoint.init_from))
     saved = checkpoint.saved_state(source)
-    check_same_model(f"checkpoint.init_from {source}", from_yaml(saved["config"]), config, vocab_size)
+    source_config = from_yaml(saved["config"])
+    check_same_model(f"checkpoint.init_from {source}", source_config, config, vocab_size)
     if config.train.stage == 1:
         checkpoint.load(source, model, None)
         optimizer.reload_model_params()  # the optimizer's main copies of the weights
@@ -146,8 +148,7 @@ def _restore(config: Config, model, optimizer, vocab_size: int):
             f"{source} holds weights only (no training progress); stage 2 needs a stage-1 training "
             f"checkpoint (use train.stage=1 to start from these weights)")
     state = TrainState(**checkpoint.load(source, model, optimizer)["train_state"])
-    stage1 = from_yaml(saved["config"])
-    state.samples_read_before = samples_read(parse_blend(stage1.data.train, "data.train"), state.consumed_samples,
+    state.samples_read_before = samples_read(parse_blend(source_config.data.train, "data.train"), state.consumed_samples,
                                              state.samples_read_before)
     state.consumed_samples = 0  # of stage 2's own blend, whose stage-1 datasets start past stage 1's samples
     decay_start = config.train.tokens - phase_tokens(config.schedule.decay, config.train.tokens)
